@@ -1,0 +1,76 @@
+"""
+Command-line configuration, nanoGPT style. A script keeps its settings as module-level variables and calls
+
+    config = apply_overrides(globals(), sys.argv[1:])
+
+Each argument is either a config file (a Python file of assignments, run in the script's namespace,
+e.g. config/train_shakespeare_char.py) or --key=value. Values are parsed with ast.literal_eval,
+falling back to a plain string; a bare --flag sets a boolean to True. A value must have the type of
+the default (an int is accepted for a float, and anything for a default of None).
+"""
+
+import ast
+import os
+import difflib
+import types
+
+from common import UserError
+
+
+def _closest(key, names):
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+    return f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""
+
+
+def _check_type(key, value, default):
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise UserError(f"--{key} takes True or False, got {value!r}")
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
+        return value
+    if type(value) is not type(default):
+        raise UserError(f"--{key} expects a {type(default).__name__} (default {default!r}), got {value!r}")
+    return value
+
+
+def apply_overrides(namespace, args):
+    """Apply config files and --key=value overrides to namespace (a script's globals()). Returns
+    the dict of the configurable keys (the upper-level names that were there before) and their values."""
+    keys = [k for k, v in namespace.items()
+            if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, type(None)))]
+    for arg in args:
+        if not arg.startswith("--"):
+            if not os.path.isfile(arg):
+                raise UserError(f"config file {arg!r} does not exist (configs live in config/, e.g. config/train_shakespeare_char.py)")
+            with open(arg) as f:
+                source = f.read()
+            before = {k: namespace[k] for k in keys}
+            existing = set(namespace)
+            try:
+                exec(compile(source, arg, "exec"), namespace)
+            except Exception as e:
+                raise UserError(f"config file {arg} failed to run: {type(e).__name__}: {e}") from None
+            for k in list(namespace):
+                if k not in existing and not k.startswith("_") and not callable(namespace[k]) and not isinstance(namespace[k], types.ModuleType):
+                    raise UserError(f"config file {arg} sets unknown key {k!r}{_closest(k, keys)}")
+            for k in keys:
+                if namespace[k] is not before[k]:
+                    namespace[k] = _check_type(k, namespace[k], before[k])
+            continue
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            try:
+                value = ast.literal_eval(raw)
+            except (SyntaxError, ValueError):
+                value = raw
+        else:
+            key, value = arg[2:], True
+        if key not in keys:
+            raise UserError(f"unknown config key --{key}{_closest(key, keys)}")
+        namespace[key] = _check_type(key, value, namespace[key])
+    return {k: namespace[k] for k in keys}

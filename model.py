@@ -1,0 +1,606 @@
+"""
+GPT-2 written from scratch, in one file, with three optional architectural changes:
+
+- rope:      rotary position embedding on queries and keys instead of the learned position table
+- n_kv_head: grouped-query attention (n_kv_head=1 is multi-query, n_kv_head=n_head is plain MHA)
+- window:    causal sliding-window attention, for all layers or chosen per layer
+
+With all three off this is exactly GPT-2, with GPT-2's parameter names, so OpenAI's checkpoints
+load one to one (GPT.from_pretrained). Generation uses a key/value cache (KVCache) whose windowed
+layers keep a rolling buffer of the last `window` positions.
+
+References:
+1) OpenAI's GPT-2 TensorFlow code: https://github.com/openai/gpt-2/blob/master/src/model.py
+2) RoFormer (rotary embeddings): https://arxiv.org/abs/2104.09864
+3) GQA: https://arxiv.org/abs/2305.13245 ; Longformer / Mistral sliding windows: https://arxiv.org/abs/2004.05150
+"""
+
+import math
+import inspect
+from dataclasses import dataclass, fields, asdict
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linears and LayerNorms, as GPT-2
+    rope: bool = False  # rotary position embedding instead of the learned wpe table
+    rope_theta: float = 10000.0
+    n_kv_head: int | None = None  # None means n_head (multi-head attention)
+    # None: full causal attention. An int W: every layer sees itself and the W-1 tokens before it.
+    # A tuple/list with one entry per layer (int or None) mixes local and global layers.
+    window: int | tuple | list | None = None
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"GPTConfig.n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if not isinstance(self.n_kv_head, int) or self.n_kv_head < 1 or self.n_head % self.n_kv_head != 0:
+            raise ValueError(f"GPTConfig.n_kv_head={self.n_kv_head!r} must be a positive integer that divides n_head={self.n_head}")
+        if self.rope and self.head_dim % 2 != 0:
+            raise ValueError(f"rope needs an even head dimension, got n_embd/n_head = {self.head_dim}")
+        if self.rope and not self.rope_theta > 0:
+            raise ValueError(f"GPTConfig.rope_theta must be positive, got {self.rope_theta!r}")
+        windows = self.window if isinstance(self.window, (tuple, list)) else [self.window]
+        if isinstance(self.window, (tuple, list)):
+            if len(self.window) != self.n_layer:
+                raise ValueError(f"GPTConfig.window has {len(self.window)} entries but n_layer={self.n_layer}; give one per layer (None for a global layer)")
+            self.window = tuple(self.window)  # hashable and JSON-friendly after asdict
+        for w in windows:
+            if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
+                raise ValueError(f"GPTConfig.window must be None or an integer >= 1, got {w!r}")
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    def layer_window(self, layer):
+        """The window of one layer: None for full causal attention."""
+        return self.window[layer] if isinstance(self.window, tuple) else self.window
+
+    def to_dict(self):
+        d = asdict(self)
+        if isinstance(d["window"], tuple):
+            d["window"] = list(d["window"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# -----------------------------------------------------------------------------
+# Rotary position embedding.
+# Pairing convention: "split halves", as in GPT-NeoX and HF's Llama (rotate_half): within each head,
+# dimension i is rotated together with dimension i + head_dim/2, by angle position * theta^(-2i/head_dim).
+
+def rope_cos_sin(positions, head_dim, theta, dtype=torch.float32):
+    """cos and sin tables of shape (len(positions), head_dim) for the given integer positions."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, n_heads, T, head_dim); cos, sin: (T, head_dim)."""
+    half = x.shape[-1] // 2
+    rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated_half * sin
+
+
+# -----------------------------------------------------------------------------
+# Attention kernels. All take q (B, H, T, D) and k, v (B, Hkv, S, D), with H a multiple of Hkv:
+# query head h uses key/value head h // (H // Hkv), SDPA's enable_gqa convention.
+
+def dense_attention(q, k, v, window=None, dropout_p=0.0):
+    """Causal attention over all T x T scores; a window is applied as a mask (quadratic cost)."""
+    T = q.shape[-2]
+    gqa = q.shape[1] != k.shape[1]
+    if window is None or window >= T:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=gqa)
+    i = torch.arange(T, device=q.device)[:, None]
+    j = torch.arange(T, device=q.device)[None, :]
+    mask = (j <= i) & (j > i - window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
+
+
+def blocked_local_attention(q, k, v, window, block=None, dropout_p=0.0):
+    """
+    Sliding-window causal attention in O(T * window) time and memory, on any device.
+    Queries are cut into blocks of `block` positions; each block attends to the window-1 keys before
+    it plus its own, a band of block + window - 1 keys, so no T x T matrix is ever formed.
+    """
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    block = block or max(window, 64)
+    n_blocks = -(-T // block)
+    span = block + window - 1
+    pad_right = n_blocks * block - T
+    # queries: (B, H, n_blocks, block, D)
+    qb = F.pad(q, (0, 0, 0, pad_right)).view(B, H, n_blocks, block, D)
+    # keys/values padded with window-1 positions on the left, then overlapping bands of `span`
+    def bands(x):
+        x = F.pad(x, (0, 0, window - 1, pad_right))
+        return x.unfold(2, span, block).transpose(-1, -2)  # (B, Hkv, n_blocks, span, D)
+    kb, vb = bands(k), bands(v)
+    # query i of block b sits at b*block + i; band key j at b*block - (window-1) + j
+    i = torch.arange(block, device=q.device)[:, None]
+    j = torch.arange(span, device=q.device)[None, :]
+    key_pos = torch.arange(n_blocks, device=q.device)[:, None, None] * block - (window - 1) + j
+    mask = (j >= i) & (j <= i + window - 1) & (key_pos >= 0)  # (n_blocks, block, span)
+    # fold the blocks into the batch so SDPA sees heads at dim -3 (needed for enable_gqa)
+    qb = qb.permute(0, 2, 1, 3, 4).reshape(B * n_blocks, H, block, D)
+    kb = kb.permute(0, 2, 1, 3, 4).reshape(B * n_blocks, Hkv, span, D)
+    vb = vb.permute(0, 2, 1, 3, 4).reshape(B * n_blocks, Hkv, span, D)
+    mask = mask.unsqueeze(1).repeat(B, 1, 1, 1)  # (B * n_blocks, 1, block, span)
+    y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout_p, enable_gqa=H != Hkv)
+    y = y.view(B, n_blocks, H, block, D).permute(0, 2, 1, 3, 4).reshape(B, H, n_blocks * block, D)
+    return y[:, :, :T]
+
+
+_flex_block_masks = {}
+
+
+def flex_window_attention(q, k, v, window):
+    """FlexAttention with a block-sparse sliding-window mask: skips the blocks outside the band (fast on CUDA under compile)."""
+    from torch.nn.attention.flex_attention import flex_attention, create_block_mask
+    T = q.shape[-2]
+    key = (T, window, q.device)
+    if key not in _flex_block_masks:
+        def sliding_window_causal(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+        _flex_block_masks[key] = create_block_mask(sliding_window_causal, None, None, T, T, device=q.device)
+    return flex_attention(q, k, v, block_mask=_flex_block_masks[key], enable_gqa=q.shape[1] != k.shape[1])
+
+
+def causal_attention(q, k, v, window=None, impl="auto", dropout_p=0.0):
+    """
+    Picks the kernel. impl: 'auto' | 'dense' | 'blocked' | 'flex'.
+    'auto' uses dense SDPA unless a window is much shorter than the sequence, where the blocked
+    kernel's linear cost wins (FlexAttention on CUDA when no dropout is asked for).
+    """
+    T = q.shape[-2]
+    if window is None or window >= T or impl == "dense":
+        return dense_attention(q, k, v, window, dropout_p)
+    if impl == "auto":
+        if q.device.type == "cuda" and dropout_p == 0.0:
+            impl = "flex"
+        else:
+            impl = "blocked" if T >= 4 * window else "dense"
+    if impl == "flex":
+        return flex_window_attention(q, k, v, window)
+    if impl == "blocked":
+        return blocked_local_attention(q, k, v, window, dropout_p=dropout_p)
+    return dense_attention(q, k, v, window, dropout_p)
+
+
+# -----------------------------------------------------------------------------
+# Key/value cache for generation
+
+class KVCache:
+    """
+    Per-layer key/value buffers for incremental decoding, n_kv_head heads wide (GQA shrinks it).
+    A global layer holds every position up to `max_positions`; a windowed layer holds a rolling
+    buffer of its last `window` positions (position p lives in slot p % window), so its memory stays
+    constant however long generation runs. Attention over the buffer ignores slot order: positions
+    are already in the keys (RoPE) or in the residual stream (learned wpe).
+    """
+
+    def __init__(self, config, batch_size, max_positions, device, dtype):
+        self.pos = 0  # number of positions processed so far (absolute position of the next token)
+        self.keys, self.values, self.windows = [], [], []
+        for layer in range(config.n_layer):
+            w = config.layer_window(layer)
+            size = max_positions if w is None else min(w, max_positions)
+            shape = (batch_size, config.n_kv_head, size, config.head_dim)
+            self.keys.append(torch.zeros(shape, device=device, dtype=dtype))
+            self.values.append(torch.zeros(shape, device=device, dtype=dtype))
+            self.windows.append(w)
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def update(self, layer, k, v):
+        """Store k, v (B, Hkv, T, D) for positions pos..pos+T-1 and return what this layer attends to."""
+        T = k.shape[2]
+        keys, values, w = self.keys[layer], self.values[layer], self.windows[layer]
+        size = keys.shape[2]
+        if w is None or self.pos + T <= size:  # no wrap-around: write in place
+            if self.pos + T > size:
+                raise ValueError(f"KV cache holds {size} positions; generating past it needs a larger cache")
+            keys[:, :, self.pos:self.pos + T] = k
+            values[:, :, self.pos:self.pos + T] = v
+            return keys[:, :, :self.pos + T], values[:, :, :self.pos + T]
+        # rolling buffer (windowed layer). Prefill longer than the window: attention over the fresh
+        # keys is done by the caller; keep only the last `size` positions.
+        if T > 1:
+            if self.pos != 0:
+                raise ValueError("the rolling cache takes a multi-token prefill only when empty")
+            last = torch.arange(T - size, T, device=k.device)
+            keys[:, :, last % size] = k[:, :, -size:]
+            values[:, :, last % size] = v[:, :, -size:]
+            return None
+        slot = self.pos % size
+        keys[:, :, slot:slot + 1] = k
+        values[:, :, slot:slot + 1] = v
+        return keys, values
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.layer, self.window, self.dropout = layer, config.layer_window(layer), config.dropout
+        # queries, keys and values in one projection, as GPT-2: [q (n_head*hd) | k (n_kv*hd) | v (n_kv*hd)]
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * self.head_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.attn_impl = "auto"
+
+    def forward(self, x, rope=None, kv_cache=None):
+        B, T, C = x.shape
+        q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.c_attn(x).split([q_size, kv_size, kv_size], dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        dropout_p = self.dropout if self.training else 0.0
+        cached = kv_cache.update(self.layer, k, v) if kv_cache is not None else None
+        if cached is None or kv_cache.pos == 0:
+            # training, evaluation, or a prefill from an empty cache: the new tokens see only each other
+            y = causal_attention(q, k, v, self.window, self.attn_impl, dropout_p)
+        else:
+            k_all, v_all = cached
+            if T == 1:  # one new token sees everything the cache holds (the rolling buffer is its window)
+                y = F.scaled_dot_product_attention(q, k_all, v_all, enable_gqa=self.n_head != self.n_kv_head)
+            else:  # several new tokens after cached ones (global layers, or windows not yet full)
+                S = k_all.shape[2]
+                i = torch.arange(S - T, S, device=x.device)[:, None]
+                j = torch.arange(S, device=x.device)[None, :]
+                mask = j <= i
+                if self.window is not None:
+                    mask = mask & (j > i - self.window)
+                y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=self.n_head != self.n_kv_head)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), rope, kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        modules = dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        )
+        if not config.rope:
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        self.transformer = nn.ModuleDict(modules)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
+        self.gradient_checkpointing = False  # recompute each block in backward to save activation memory
+
+        self.apply(self._init_weights)
+        # GPT-2 scales the init of the projections into the residual stream by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=False):
+        """Parameters counted once (lm_head is tied to wte). non_embedding leaves out the position table."""
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding and "wpe" in self.transformer:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def set_attention_impl(self, impl):
+        """'auto' | 'dense' | 'blocked' | 'flex': how windowed layers compute attention."""
+        if impl not in ("auto", "dense", "blocked", "flex"):
+            raise ValueError(f"attention impl must be auto, dense, blocked or flex, got {impl!r}")
+        for block in self.transformer.h:
+            block.attn.attn_impl = impl
+
+    def forward(self, idx, targets=None, kv_cache=None, last_only=False):
+        """
+        idx: (B, T) token ids. Returns (logits, loss): logits (B, T, vocab), or (B, 1, vocab) with
+        last_only; loss is the mean cross-entropy against targets (-1 ignored), or None.
+        With kv_cache, idx continues the sequence held in the cache, starting at position kv_cache.pos.
+        """
+        B, T = idx.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if not self.config.rope and start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} is longer than block_size={self.config.block_size} (learned position embedding)")
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.rope:
+            positions = torch.arange(start, start + T, device=idx.device)
+            rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype=x.dtype)
+        else:
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            if self.gradient_checkpointing and self.training and kv_cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x = block(x, rope, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        x = self.transformer.ln_f(x)
+        if last_only:
+            x = x[:, [-1], :]
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    # -------------------------------------------------------------------------
+    # Pretrained GPT-2
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, override_args=None):
+        """
+        Loads OpenAI's GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or a local directory
+        in the Hugging Face format, through transformers. override_args may set dropout, block_size
+        (smaller only), window, or n_kv_head: a GQA model is made from the multi-head checkpoint by
+        mean-pooling the key and value heads of each group (Ainslie et al., 2023).
+        """
+        override_args = dict(override_args or {})
+        allowed = {"dropout", "block_size", "window", "n_kv_head", "bias"}
+        unknown = set(override_args) - allowed
+        if unknown:
+            raise ValueError(f"from_pretrained can override only {sorted(allowed)}, not {sorted(unknown)}")
+        from transformers import GPT2LMHeadModel
+        try:
+            hf_model = GPT2LMHeadModel.from_pretrained(name_or_path)
+        except Exception as e:  # no network, no such directory, not a GPT-2 checkpoint
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise OSError(
+                f"could not load GPT-2 checkpoint {name_or_path!r} ({reason}). Without a network, save it on a machine "
+                f"that has one (GPT2LMHeadModel.from_pretrained('gpt2').save_pretrained('gpt2-local')) "
+                f"and pass that directory instead") from None
+        hf = hf_model.config
+        config_args = dict(n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd, block_size=hf.n_positions,
+                           vocab_size=hf.vocab_size, bias=True, dropout=0.0)
+        if override_args.get("block_size", hf.n_positions) > hf.n_positions:
+            raise ValueError(f"block_size={override_args['block_size']} is larger than the {hf.n_positions} positions {name_or_path!r} was trained with")
+        if override_args.get("bias", True) is not True:
+            raise ValueError("GPT-2 checkpoints have biases; bias must stay True")
+        config_args.update(override_args)
+        config = GPTConfig(**config_args)
+        model = cls(config)
+
+        hf_sd = hf_model.state_dict()
+        sd = model.state_dict()
+        # transformers' GPT-2 uses Conv1D modules, whose weights are the transpose of nn.Linear's
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        C, hd = config.n_embd, config.head_dim
+        with torch.no_grad():
+            for name, target in sd.items():
+                source = hf_sd[name]
+                if name.endswith(transposed):
+                    source = source.t()
+                if name == "transformer.wpe.weight":
+                    source = source[:config.block_size]
+                if name.endswith("attn.c_attn.weight") or name.endswith("attn.c_attn.bias"):
+                    source = _pool_kv_heads(source, config.n_head, config.n_kv_head, hd, C)
+                if source.shape != target.shape:
+                    raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(source.shape)} vs model {tuple(target.shape)}")
+                target.copy_(source)
+        return model
+
+    # -------------------------------------------------------------------------
+    # Training helpers
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, fused=None):
+        """AdamW with weight decay on matrices and embeddings (dim >= 2) only; fused kernel on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if fused is None:
+            fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (forward + backward): 6 per weight plus the attention scores (PaLM, appendix B)."""
+        cfg = self.config
+        n = self.get_num_params(non_embedding=True)
+        attn = 0
+        for layer in range(cfg.n_layer):
+            w = cfg.layer_window(layer)
+            # mean number of keys a query sees: causal (T+1)/2, windowed about W; the common 6N+12LHQT uses T
+            context = seq_len if w is None else min(w, seq_len)
+            attn += 12 * cfg.n_head * cfg.head_dim * context
+        return 6 * n + attn
+
+    def estimate_mfu(self, seq_len, tokens_per_second, device=None):
+        """Model FLOPs utilisation against the bf16 dense peak of the device in use; None when unknown."""
+        peak = device_peak_flops(device)
+        if peak is None:
+            return None
+        return self.flops_per_token(seq_len) * tokens_per_second / peak
+
+    # -------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        use_cache=True, beyond_block_size=False, generator=None):
+        """
+        Yields the next token (B, 1) max_new_tokens times, continuing idx (B, T).
+        temperature=0 is greedy. With use_cache a single prefill pass fills a KVCache, then one
+        position runs per step. Past block_size: a learned position table slides the context (keep
+        the last half of it and prefill again); with rope and beyond_block_size the positions simply
+        continue (rolling caches keep windowed layers constant in memory).
+        """
+        validate_sampling(max_new_tokens, temperature, top_k, top_p)
+        if idx.shape[1] == 0:
+            raise ValueError("generation needs a prompt of at least one token")
+        cfg = self.config
+        unbounded = cfg.rope and beyond_block_size
+        cache = None
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                context = idx if unbounded else idx[:, -cfg.block_size:]
+                logits, _ = self(context, last_only=True)
+            elif cache is None or (not unbounded and cache.pos >= cfg.block_size):
+                # (re)fill the cache from the prompt, or from the recent context after a slide
+                keep = idx if unbounded else idx[:, -(cfg.block_size if cache is None else cfg.block_size // 2):]
+                positions = keep.shape[1] + (max_new_tokens if unbounded else cfg.block_size)
+                cache = KVCache(cfg, idx.shape[0], positions, idx.device, self.lm_head.weight.dtype)
+                logits, _ = self(keep, kv_cache=cache, last_only=True)
+            else:
+                logits, _ = self(idx[:, -1:], kv_cache=cache, last_only=True)
+            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+            idx = torch.cat((idx, next_token), dim=1)
+            yield next_token
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 use_cache=True, beyond_block_size=False, generator=None):
+        """idx (B, T) followed by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, beyond_block_size, generator))
+        return torch.cat([idx] + new, dim=1)
+
+
+def load_model_state(model, state_dict):
+    """Strict load that names every missing, unexpected or mis-shaped tensor in one ValueError."""
+    state_dict = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state_dict.items()}
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state_dict]
+    problems += [f"unexpected {k}" for k in state_dict if k not in expected]
+    problems += [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+                 for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise ValueError(f"checkpoint does not match the model architecture: {shown}")
+    model.load_state_dict(state_dict)
+
+
+def _pool_kv_heads(weight, n_head, n_kv_head, head_dim, n_embd):
+    """c_attn weight (3C, C) or bias (3C,) of a multi-head checkpoint -> GQA layout, keys/values mean-pooled per group."""
+    if n_kv_head == n_head:
+        return weight
+    q, k, v = weight.split(n_embd, dim=0)
+    group = n_head // n_kv_head
+    def pool(x):  # consecutive heads form a group: head h belongs to kv head h // group
+        return x.reshape(n_kv_head, group, head_dim, *x.shape[1:]).mean(dim=1).reshape(n_kv_head * head_dim, *x.shape[1:])
+    return torch.cat((q, pool(k), pool(v)), dim=0)
+
+
+def validate_sampling(max_new_tokens, temperature, top_k, top_p):
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """logits (B, vocab) -> token ids (B, 1). temperature 0 is argmax; top_k and top_p (nucleus) filter first."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p (the top token always stays)
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) of common accelerators, from their vendors' data sheets.
+# MFU against the wrong peak is meaningless, so an unknown device reports no MFU rather than a guess.
+PEAK_BF16_FLOPS = [
+    ("H200", 989e12), ("GH200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+    ("H800", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("A10G", 70e12), ("A10", 125e12),
+    ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+    ("A6000", 155e12), ("V100", 125e12), ("T4", 65e12), ("MI300X", 1307e12), ("MI250X", 383e12),
+]
+
+
+def device_peak_flops(device=None):
+    """bf16 dense peak of a CUDA device (fp16 for pre-bf16 cards), or None for CPUs, MPS and unknown GPUs."""
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16_FLOPS:
+        if key in name:
+            return flops
+    return None
