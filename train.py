@@ -179,6 +179,7 @@ def main():
                       vocab_size=vocab_size, dropout=dropout, rope=rope, rope_theta=rope_theta,
                       n_kv_head=n_kv_head, window=window)
     iter_num, best_val_loss, checkpoint = 0, 1e9, None
+    torch.manual_seed(seed)  # the same initial weights on every process (FSDP shards them where they are)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     try:
         if init_from == "scratch":
