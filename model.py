@@ -413,22 +413,26 @@ class GPT(nn.Module):
         unknown = set(override_args) - allowed
         if unknown:
             raise ValueError(f"from_pretrained can override only {sorted(allowed)}, not {sorted(unknown)}")
-        from transformers import GPT2LMHeadModel
+        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()  # a progress bar per load is noise in logs and tests
         try:
+            hf = GPT2Config.from_pretrained(name_or_path)  # small: check the overrides before loading weights
+            if override_args.get("block_size", hf.n_positions) > hf.n_positions:
+                raise ValueError(f"block_size={override_args['block_size']} is larger than the {hf.n_positions} positions {name_or_path!r} was trained with")
+            if override_args.get("bias", True) is not True:
+                raise ValueError("GPT-2 checkpoints have biases; bias must stay True")
             hf_model = GPT2LMHeadModel.from_pretrained(name_or_path)
+        except ValueError:
+            raise
         except Exception as e:  # no network, no such directory, not a GPT-2 checkpoint
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise OSError(
                 f"could not load GPT-2 checkpoint {name_or_path!r} ({reason}). Without a network, save it on a machine "
                 f"that has one (GPT2LMHeadModel.from_pretrained('gpt2').save_pretrained('gpt2-local')) "
                 f"and pass that directory instead") from None
-        hf = hf_model.config
         config_args = dict(n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd, block_size=hf.n_positions,
                            vocab_size=hf.vocab_size, bias=True, dropout=0.0)
-        if override_args.get("block_size", hf.n_positions) > hf.n_positions:
-            raise ValueError(f"block_size={override_args['block_size']} is larger than the {hf.n_positions} positions {name_or_path!r} was trained with")
-        if override_args.get("bias", True) is not True:
-            raise ValueError("GPT-2 checkpoints have biases; bias must stay True")
         config_args.update(override_args)
         config = GPTConfig(**config_args)
         model = cls(config)
