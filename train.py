@@ -313,6 +313,7 @@ def main():
     signal.signal(signal.SIGINT, Stop.handle)
     resumed_at = iter_num if init_from == "resume" else None
     stop_requested = False
+    first_iter = iter_num
     t0 = time.time()
     while True:
         lr = get_lr(iter_num)
@@ -388,6 +389,17 @@ def main():
             if master:
                 mfu_text = f", mfu {mfu * 100:.1f}%" if mfu is not None else ""
                 print(f"iter {iter_num}: loss {step_loss:.4f}, time {dt * 1000:.1f}ms, {tokens_per_sec:,.0f} tok/s{mfu_text}")
+        if iter_num == first_iter:  # optimizer state exists now: report what each process holds
+            held = training_state_bytes(raw_model, optimizer)
+            every = [held]
+            if distributed:
+                every = [None] * world_size
+                dist.all_gather_object(every, held)
+            if master:
+                for r, b in enumerate(every):
+                    print(f"rank {r} holds {sum(b.values()) / 2**20:,.1f} MiB of training state: " +
+                          ", ".join(f"{k} {v / 2**20:,.1f}" for k, v in b.items()))
+                log_metrics(dict(iter=iter_num, state_mib_per_rank=[{k: v / 2**20 for k, v in b.items()} for b in every]))
         iter_num += 1
 
     if master:
@@ -395,6 +407,17 @@ def main():
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def training_state_bytes(model, optimizer):
+    """Bytes of parameters, gradients and optimizer state held by this process (its shards under FSDP)."""
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's shard on this process
+    params = [local(p) for p in model.parameters()]
+    state = [local(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return dict(params=sum(t.numel() * t.element_size() for t in params),
+                grads=sum(t.numel() * t.element_size() for t in params),  # one gradient per parameter element
+                optimizer=sum(t.numel() * t.element_size() for t in state))
 
 
 def gather_rng(world_size):
