@@ -125,5 +125,9 @@ def get_tokenizer(dataset=None, data_root="data"):
             return [stoi[ch] for ch in text]
         return encode, lambda ids: "".join(itos[i] for i in ids), []
     import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
+    try:
+        enc = tiktoken.get_encoding("gpt2")
+    except Exception as e:  # the BPE files are downloaded on first use; offline that fails
+        raise UserError(f"could not load the GPT-2 tokenizer ({type(e).__name__}): tiktoken downloads it once; "
+                        f"connect to the network once, or point TIKTOKEN_CACHE_DIR at a cache that has it") from None
     return (lambda text: enc.encode(text, allowed_special={"<|endoftext|>"})), enc.decode, [enc.eot_token]

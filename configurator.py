@@ -22,9 +22,11 @@ def _closest(key, names):
     return f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""
 
 
-def _check_type(key, value, default):
-    if default is None or value is None:
+def _check_type(key, value, default, nullable):
+    if default is None or (value is None and key in nullable):
         return value
+    if value is None:
+        raise UserError(f"--{key} cannot be None (default {default!r})")
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise UserError(f"--{key} takes True or False, got {value!r}")
@@ -38,9 +40,10 @@ def _check_type(key, value, default):
     return value
 
 
-def apply_overrides(namespace, args):
+def apply_overrides(namespace, args, nullable=()):
     """Apply config files and --key=value overrides to namespace (a script's globals()). Returns
-    the dict of the configurable keys (the upper-level names that were there before) and their values."""
+    the dict of the configurable keys (the upper-level names that were there before) and their values.
+    nullable: keys that may be set to None although their default is not (None switches them off)."""
     keys = [k for k, v in namespace.items()
             if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, type(None)))]
     for arg in args:
@@ -60,7 +63,7 @@ def apply_overrides(namespace, args):
                     raise UserError(f"config file {arg} sets unknown key {k!r}{_closest(k, keys)}")
             for k in keys:
                 if namespace[k] is not before[k]:
-                    namespace[k] = _check_type(k, namespace[k], before[k])
+                    namespace[k] = _check_type(k, namespace[k], before[k], nullable)
             continue
         if "=" in arg:
             key, raw = arg[2:].split("=", 1)
@@ -72,5 +75,5 @@ def apply_overrides(namespace, args):
             key, value = arg[2:], True
         if key not in keys:
             raise UserError(f"unknown config key --{key}{_closest(key, keys)}")
-        namespace[key] = _check_type(key, value, namespace[key])
+        namespace[key] = _check_type(key, value, namespace[key], nullable)
     return {k: namespace[k] for k in keys}

@@ -55,7 +55,7 @@ def load_model(init_from, out_dir, dev):
 
 
 def main():
-    apply_overrides(globals(), sys.argv[1:])
+    apply_overrides(globals(), sys.argv[1:], nullable={"top_k"})
     try:
         validate_sampling(max_new_tokens, temperature, top_k, top_p)
     except ValueError as e:
@@ -65,12 +65,8 @@ def main():
     dev = pick_device(device)
     ctx = autocast_context(dev, pick_dtype(dtype, dev))
     torch.manual_seed(seed)
-    model, dataset, data_root = load_model(init_from, out_dir, dev)
-    model.eval()
-    if compile:
-        model = torch.compile(model)
-    encode, decode, start_ids = get_tokenizer(dataset, data_root)
-
+    # read the prompt before loading the model: a missing file is then reported at once, and
+    # alone on stderr (loading a Hugging Face checkpoint prints progress bars there)
     prompt = start
     if prompt.startswith("FILE:"):
         path = prompt[5:]
@@ -78,6 +74,12 @@ def main():
             raise UserError(f"prompt file {path} does not exist")
         with open(path, encoding="utf-8") as f:
             prompt = f.read()
+    model, dataset, data_root = load_model(init_from, out_dir, dev)
+    model.eval()
+    if compile:
+        model = torch.compile(model)
+    encode, decode, start_ids = get_tokenizer(dataset, data_root)
+
     ids = encode(prompt) if prompt else start_ids
     if not ids:
         raise UserError("the prompt is empty and this vocabulary has no start token; give some text with --start")
