@@ -175,13 +175,14 @@ def causal_attention(q, k, v, window=None, impl="auto", dropout_p=0.0):
     """
     Picks the kernel. impl: 'auto' | 'dense' | 'blocked' | 'flex'.
     'auto' uses dense SDPA unless a window is much shorter than the sequence, where the blocked
-    kernel's linear cost wins (FlexAttention on CUDA when no dropout is asked for).
+    kernel's linear cost wins; on CUDA under torch.compile it uses FlexAttention's block-sparse kernel
+    (without compile FlexAttention runs an unfused reference path, slower than the blocked kernel).
     """
     T = q.shape[-2]
     if window is None or window >= T or impl == "dense":
         return dense_attention(q, k, v, window, dropout_p)
     if impl == "auto":
-        if q.device.type == "cuda" and dropout_p == 0.0:
+        if q.device.type == "cuda" and dropout_p == 0.0 and torch.compiler.is_compiling():
             impl = "flex"
         else:
             impl = "blocked" if T >= 4 * window else "dense"
@@ -223,7 +224,10 @@ class KVCache:
         T = k.shape[2]
         keys, values, w = self.keys[layer], self.values[layer], self.windows[layer]
         size = keys.shape[2]
-        if w is None or self.pos + T <= size:  # no wrap-around: write in place
+        # only a buffer exactly `window` long may roll: one cut shorter by max_positions would drop
+        # positions still inside the window, so it fills up and then overflows like a global layer's
+        rolling = w is not None and size == w
+        if not rolling or self.pos + T <= size:  # no wrap-around: write in place
             if self.pos + T > size:
                 raise ValueError(f"KV cache holds {size} positions; generating past it needs a larger cache")
             keys[:, :, self.pos:self.pos + T] = k

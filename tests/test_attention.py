@@ -1,0 +1,393 @@
+"""
+RoPE, grouped-query attention and sliding windows against references written here: a naive
+attention with an explicit causal+window mask and explicit key/value head repetition, and RoPE from
+transformers' Llama code. Nothing in this file's references comes from model.py.
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import model as M
+from model import GPT, GPTConfig
+
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb, rotate_half
+
+
+# -----------------------------------------------------------------------------
+# references
+
+def naive_attention(q, k, v, window=None):
+    """q (B, H, T, D), k/v (B, Hkv, T, D): explicit scores, explicit mask, explicit head repetition."""
+    B, H, T, D = q.shape
+    group = H // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)  # query head h reads kv head h // group
+    v = v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(D)
+    i = torch.arange(T)[:, None]
+    j = torch.arange(T)[None, :]
+    allowed = j <= i
+    if window is not None:
+        allowed = allowed & (i - j < window)  # query i sees keys i-window+1 .. i
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def reference_cos_sin(positions, head_dim, theta):
+    """Split-halves RoPE tables, as transformers' Llama builds them: (T, head_dim)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    freqs = positions.double()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def layer_norm(x, weight, bias, eps=1e-5):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+def gelu_tanh(x):
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def reference_forward(model, idx, rope, n_head, n_kv_head, windows, theta=10000.0):
+    """The whole model by hand from its parameters. windows: one entry per layer."""
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    B, T = idx.shape
+    C = sd["transformer.wte.weight"].shape[1]
+    D = C // n_head
+    x = sd["transformer.wte.weight"][idx]
+    if not rope:
+        x = x + sd["transformer.wpe.weight"][:T]
+    else:
+        cos, sin = reference_cos_sin(torch.arange(T), D, theta)
+    for layer, window in enumerate(windows):
+        p = f"transformer.h.{layer}."
+        h = layer_norm(x, sd[p + "ln_1.weight"], sd[p + "ln_1.bias"])
+        qkv = h @ sd[p + "attn.c_attn.weight"].t() + sd[p + "attn.c_attn.bias"]
+        q = qkv[..., :n_head * D].reshape(B, T, n_head, D).transpose(1, 2)
+        k = qkv[..., n_head * D:(n_head + n_kv_head) * D].reshape(B, T, n_kv_head, D).transpose(1, 2)
+        v = qkv[..., (n_head + n_kv_head) * D:].reshape(B, T, n_kv_head, D).transpose(1, 2)
+        assert v.shape[-1] == D
+        if rope:
+            q, _ = apply_rotary_pos_emb(q, q, cos[None], sin[None])
+            k, _ = apply_rotary_pos_emb(k, k, cos[None], sin[None])
+        y = naive_attention(q, k, v, window).transpose(1, 2).reshape(B, T, C)
+        x = x + y @ sd[p + "attn.c_proj.weight"].t() + sd[p + "attn.c_proj.bias"]
+        h = layer_norm(x, sd[p + "ln_2.weight"], sd[p + "ln_2.bias"])
+        h = gelu_tanh(h @ sd[p + "mlp.c_fc.weight"].t() + sd[p + "mlp.c_fc.bias"])
+        x = x + h @ sd[p + "mlp.c_proj.weight"].t() + sd[p + "mlp.c_proj.bias"]
+    x = layer_norm(x, sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"])
+    return x @ sd["transformer.wte.weight"].t()
+
+
+def tiny_model(seed=0, scale=0.2, **kw):
+    """A tiny model with large random weights (the default init makes attention nearly uniform,
+    which would hide a wrong mask), biases and LayerNorm gains included."""
+    cfg = dict(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=32)
+    cfg.update(kw)
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**cfg)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ("ln_" in name) and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(scale * torch.randn_like(p))
+    return model
+
+
+def logits_of(model, idx):
+    with torch.no_grad():
+        return model(idx)[0]
+
+
+ROPE = [False, True]
+KV = [None, 2, 1]
+WINDOWS = [None, 3, (2, None)]
+
+
+def per_layer(window, n_layer):
+    return list(window) if isinstance(window, tuple) else [window] * n_layer
+
+
+# -----------------------------------------------------------------------------
+# the whole model against the reference forward
+
+@pytest.mark.parametrize("impl", ["auto", "dense", "blocked"])
+@pytest.mark.parametrize("rope, n_kv_head, window", list(itertools.product(ROPE, KV, WINDOWS)))
+def test_model_matches_reference_forward(rope, n_kv_head, window, impl):
+    model = tiny_model(rope=rope, n_kv_head=n_kv_head, window=window)
+    model.set_attention_impl(impl)
+    torch.manual_seed(1)
+    idx = torch.randint(0, 64, (2, 13))  # 13 >= 4 * 3: 'auto' takes the blocked kernel for window 3 on CPU
+    ref = reference_forward(model, idx, rope, 4, n_kv_head or 4, per_layer(window, 2))
+    assert ref.std() > 0.5
+    torch.testing.assert_close(logits_of(model, idx), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_model_flex_impl_matches_reference_forward():
+    model = tiny_model(rope=True, n_kv_head=2, window=(3, None))
+    model.set_attention_impl("flex")
+    idx = torch.randint(0, 64, (1, 20), generator=torch.Generator().manual_seed(0))
+    ref = reference_forward(model, idx, True, 4, 2, [3, None])
+    flex_or_skip()
+    torch.testing.assert_close(logits_of(model, idx), ref, atol=1e-5, rtol=0)
+
+
+def test_set_attention_impl_rejects_unknown():
+    with pytest.raises(ValueError, match="impl"):
+        tiny_model().set_attention_impl("fast")
+
+
+# -----------------------------------------------------------------------------
+# the kernels against the naive reference, forward and backward
+
+KERNEL_CASES = [
+    # (H, Hkv, T, window, block): T not a multiple of the block; windows 1, 5, 64
+    (4, 4, 37, 1, None),
+    (4, 4, 37, 5, None),
+    (4, 2, 70, 5, None),
+    (4, 1, 70, 64, None),
+    (4, 2, 37, 5, 16),
+    (4, 4, 37, 1, 16),
+    (4, 1, 100, 64, 16),
+    (6, 3, 45, 7, 8),
+]
+
+
+def qkv(H, Hkv, T, D=8, B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, D, generator=g)
+    k = torch.randn(B, Hkv, T, D, generator=g)
+    v = torch.randn(B, Hkv, T, D, generator=g)
+    grad = torch.randn(B, H, T, D, generator=g)
+    return q, k, v, grad
+
+
+def forward_backward(fn, q, k, v, grad):
+    q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
+    out = fn(q, k, v)
+    (out * grad).sum().backward()
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def assert_kernel_matches(fn, H, Hkv, T, window, backward=True):
+    q, k, v, grad = qkv(H, Hkv, T)
+    if not backward:
+        with torch.no_grad():
+            torch.testing.assert_close(fn(q, k, v), naive_attention(q, k, v, window), atol=1e-5, rtol=0)
+        return
+    ours = forward_backward(fn, q, k, v, grad)
+    ref = forward_backward(lambda a, b, c: naive_attention(a, b, c, window), q, k, v, grad)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("H, Hkv, T, window, block", KERNEL_CASES)
+def test_blocked_local_attention_matches_naive(H, Hkv, T, window, block):
+    assert_kernel_matches(lambda q, k, v: M.blocked_local_attention(q, k, v, window, block=block), H, Hkv, T, window)
+
+
+@pytest.mark.parametrize("H, Hkv, T, window, block", KERNEL_CASES)
+def test_dense_attention_window_matches_naive(H, Hkv, T, window, block):
+    assert_kernel_matches(lambda q, k, v: M.dense_attention(q, k, v, window), H, Hkv, T, window)
+
+
+@pytest.mark.parametrize("H, Hkv, T", [(4, 4, 37), (4, 1, 20)])
+def test_dense_attention_full_matches_naive(H, Hkv, T):
+    for window in (None, T, T + 5):  # window >= T is full causal attention
+        assert_kernel_matches(lambda q, k, v: M.dense_attention(q, k, v, window), H, Hkv, T, None)
+
+
+def test_window_changes_the_result():
+    # guard for the comparisons above: a window really cuts keys away
+    q, k, v, _ = qkv(4, 2, 37)
+    assert (naive_attention(q, k, v, 5) - naive_attention(q, k, v)).abs().max() > 0.1
+    assert (M.blocked_local_attention(q, k, v, 5) - naive_attention(q, k, v)).abs().max() > 0.1
+
+
+def test_window_one_is_identity_on_values():
+    # each query sees only itself: the output is its own value (via its kv head)
+    q, k, v, _ = qkv(4, 2, 21)
+    expected = v.repeat_interleave(2, dim=1)
+    torch.testing.assert_close(M.blocked_local_attention(q, k, v, 1), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(M.dense_attention(q, k, v, 1), expected, atol=1e-6, rtol=0)
+
+
+def flex_or_skip():
+    try:
+        q, k, v, _ = qkv(2, 2, 8)
+        with torch.no_grad():
+            M.flex_window_attention(q, k, v, 3)
+    except Exception as e:
+        pytest.skip(f"flex_attention cannot run on CPU in this torch: {type(e).__name__}: {e}")
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("H, Hkv, T, window, block", KERNEL_CASES[:5])
+def test_flex_window_attention_forward_matches_naive(H, Hkv, T, window, block):
+    flex_or_skip()
+    assert_kernel_matches(lambda q, k, v: M.flex_window_attention(q, k, v, window), H, Hkv, T, window, backward=False)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_window_attention_backward_matches_naive():
+    flex_or_skip()
+    q, k, v, grad = qkv(4, 2, 37)
+    try:
+        forward_backward(lambda a, b, c: M.flex_window_attention(a, b, c, 5), q, k, v, grad)
+    except NotImplementedError as e:
+        pytest.skip(f"FlexAttention backward is not implemented on CPU in this torch ({e})")
+    assert_kernel_matches(lambda a, b, c: M.flex_window_attention(a, b, c, 5), 4, 2, 37, 5)
+
+
+@pytest.mark.parametrize("T, window", [(70, 5), (37, 1), (37, 20), (12, 12), (12, 30), (50, None)])
+@pytest.mark.parametrize("Hkv", [4, 2])
+def test_causal_attention_impls_agree(T, window, Hkv):
+    q, k, v, _ = qkv(4, Hkv, T)
+    ref = naive_attention(q, k, v, window)
+    with torch.no_grad():
+        for impl in ("auto", "blocked", "dense"):
+            torch.testing.assert_close(M.causal_attention(q, k, v, window, impl=impl), ref, atol=1e-5, rtol=0,
+                                       msg=lambda m: f"impl={impl}: {m}")
+
+
+# -----------------------------------------------------------------------------
+# RoPE
+
+def test_rope_matches_transformers_llama():
+    theta, D, T = 500.0, 8, 11
+    positions = torch.arange(3, 3 + T)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, T, D, generator=g)
+    k = torch.randn(2, 2, T, D, generator=g)
+    # tables: transformers' own Llama rotary embedding, and the formula written here
+    rotary = LlamaRotaryEmbedding(LlamaConfig(hidden_size=4 * D, num_attention_heads=4, head_dim=D, rope_theta=theta))
+    hf_cos, hf_sin = rotary(q, positions[None])
+    ref_cos, ref_sin = reference_cos_sin(positions, D, theta)
+    torch.testing.assert_close(hf_cos[0], ref_cos, atol=1e-6, rtol=0)
+    cos, sin = M.rope_cos_sin(positions, D, theta)
+    assert cos.shape == (T, D)
+    torch.testing.assert_close(cos, hf_cos[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(sin, hf_sin[0], atol=1e-5, rtol=0)
+    q_ref, k_ref = apply_rotary_pos_emb(q, k, hf_cos, hf_sin)
+    torch.testing.assert_close(M.apply_rope(q, cos, sin), q_ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(M.apply_rope(k, cos, sin), k_ref, atol=1e-5, rtol=0)
+    # split halves, not interleaved pairs: dimension i turns with i + D/2
+    x = torch.zeros(1, 1, 1, D)
+    x[..., 0] = 1.0
+    turned = M.apply_rope(x, *M.rope_cos_sin(torch.tensor([1]), D, theta))
+    assert turned[..., D // 2].abs() > 0.5 and turned[..., 1].abs() < 1e-6
+    torch.testing.assert_close(rotate_half(x)[..., D // 2], x[..., 0])
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    D = 16
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 1, D, generator=g)
+    k = torch.randn(1, 1, 1, D, generator=g)
+
+    def score(m, n):
+        qm = M.apply_rope(q, *M.rope_cos_sin(torch.tensor([m]), D, 10000.0))
+        kn = M.apply_rope(k, *M.rope_cos_sin(torch.tensor([n]), D, 10000.0))
+        return (qm * kn).sum().item()
+
+    for offset in (0, 1, 3, 10):
+        scores = [score(base + offset, base) for base in (0, 7, 50, 123)]
+        assert max(scores) - min(scores) < 1e-4, (offset, scores)
+    assert len({round(score(m, 0), 3) for m in (0, 1, 3, 10)}) == 4  # but it does depend on m - n
+    assert abs(score(0, 0) - (q * k).sum().item()) < 1e-5  # no rotation at distance 0
+
+
+# -----------------------------------------------------------------------------
+# black-box properties of the whole model
+
+VARIANTS = [dict(rope=r, n_kv_head=kv, window=w) for r, kv, w in itertools.product(ROPE, KV, WINDOWS)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_causality(variant):
+    model = tiny_model(**variant)
+    idx = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(0))
+    base = logits_of(model, idx)
+    for t in (0, 5, 15):
+        changed = idx.clone()
+        changed[0, t] = (changed[0, t] + 1) % 64
+        out = logits_of(model, changed)
+        torch.testing.assert_close(out[:, :t], base[:, :t], atol=1e-6, rtol=0)
+        assert (out[:, t] - base[:, t]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("rope", ROPE)
+@pytest.mark.parametrize("n_layer, window, n_kv_head", [(2, 3, None), (3, 2, 1), (2, 4, 2)])
+def test_receptive_field_of_a_windowed_stack(rope, n_layer, window, n_kv_head):
+    model = tiny_model(rope=rope, n_layer=n_layer, window=window, n_kv_head=n_kv_head)
+    idx = torch.randint(0, 64, (1, 24), generator=torch.Generator().manual_seed(0))
+    base = logits_of(model, idx)
+    reach = n_layer * (window - 1)
+    t = 4
+    changed = idx.clone()
+    changed[0, t] = (changed[0, t] + 7) % 64
+    diff = (logits_of(model, changed) - base).abs().amax(dim=-1)[0]  # per position
+    assert diff[:t].max() < 1e-6
+    assert diff[t + reach] > 1e-4, "the far edge of the receptive field should feel the change"
+    assert diff[t + reach + 1:].max() < 1e-6, "nothing past t + L*(W-1) may change"
+
+
+@pytest.mark.parametrize("n_kv_head", [None, 1])
+def test_rope_window_logits_independent_of_absolute_position(n_kv_head):
+    L, W = 2, 3
+    model = tiny_model(rope=True, n_layer=L, window=W, n_kv_head=n_kv_head)
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(0, 64, (1, 8), generator=g)
+    outs = []
+    for junk_len in (L * (W - 1), 9, 21):
+        junk = torch.randint(0, 64, (1, junk_len), generator=g)
+        outs.append(logits_of(model, torch.cat([junk, text], dim=1))[:, -(8 - L * (W - 1)):])
+    for other in outs[1:]:
+        torch.testing.assert_close(other, outs[0], atol=1e-5, rtol=0)
+    # control: without the window the junk is visible
+    full = tiny_model(rope=True, n_layer=L, n_kv_head=n_kv_head)
+    a = logits_of(full, torch.cat([torch.zeros(1, 4, dtype=torch.long), text], 1))[:, -1]
+    b = logits_of(full, torch.cat([torch.ones(1, 9, dtype=torch.long), text], 1))[:, -1]
+    assert (a - b).abs().max() > 1e-3
+
+
+# -----------------------------------------------------------------------------
+# GQA parameters and the MHA special case
+
+def expected_param_count(V, T, L, H, Hkv, C, rope):
+    D = C // H
+    per_layer = (
+        2 * C  # ln_1
+        + C * (H + 2 * Hkv) * D + (H + 2 * Hkv) * D  # c_attn: q, k, v
+        + C * C + C  # attn.c_proj
+        + 2 * C  # ln_2
+        + C * 4 * C + 4 * C + 4 * C * C + C  # mlp
+    )
+    return V * C + (0 if rope else T * C) + L * per_layer + 2 * C  # wte (tied with lm_head), wpe, blocks, ln_f
+
+
+@pytest.mark.parametrize("rope", ROPE)
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_gqa_param_count(rope, n_kv_head):
+    model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=3, n_head=4, n_embd=32, rope=rope, n_kv_head=n_kv_head))
+    assert model.get_num_params() == expected_param_count(64, 32, 3, 4, n_kv_head, 32, rope)
+
+
+def test_n_kv_head_equal_to_n_head_is_mha():
+    a = tiny_model(n_kv_head=None)
+    b = tiny_model(n_kv_head=4)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    assert all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(logits_of(a, idx), logits_of(b, idx))
+    # and a GQA model's c_attn is narrower
+    assert tiny_model(n_kv_head=2).transformer.h[0].attn.c_attn.weight.shape == ((4 + 2 * 2) * 8, 32)
