@@ -92,7 +92,7 @@ def load_checkpoint(path, map_location="cpu"):
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}; train one first, or point --out_dir at the folder that has ckpt.pt")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(f"refused to load {path}: it holds objects other than tensors and plain values, "
@@ -100,6 +100,9 @@ def load_checkpoint(path, map_location="cpu"):
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise UserError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); "
                         f"restore it from a backup or train again") from None
+    if not isinstance(checkpoint, dict) or not {"model", "model_args"} <= checkpoint.keys():
+        raise UserError(f"{path} is not a checkpoint written by train.py (no model weights and model_args in it)")
+    return checkpoint
 
 
 # -----------------------------------------------------------------------------

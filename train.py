@@ -123,8 +123,8 @@ def check_data(vocab_size):
         if n <= 200_000_000:  # a full scan is quick below this size; larger sets are checked batch by batch
             top = int(open_bin(split).max())
             if top >= vocab_size:
-                raise UserError(f"{path} holds token id {top}, not below the model's vocab_size {vocab_size}; "
-                                f"prepare the data again or set --vocab_size-compatible data")
+                raise UserError(f"{path} holds token id {top}, not below the model's vocab_size {vocab_size}: the data and "
+                                f"the model disagree; prepare the data again with python data/{dataset}/prepare.py")
 
 
 def load_rows(split, offsets, vocab_size):
