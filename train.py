@@ -242,6 +242,7 @@ def main():
     elif distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    wrapped = model  # the DDP/FSDP module: gradient sync is switched on it, not on a compiled wrapper
     use_compile = compile if compile is not None else device_type == "cuda"
     if use_compile:
         model = torch.compile(model)
@@ -348,9 +349,9 @@ def main():
         for micro in range(micro_steps):
             last = micro == micro_steps - 1
             if distributed and fsdp:
-                model.set_requires_gradient_sync(last)
+                wrapped.set_requires_gradient_sync(last)
             elif distributed:
-                model.require_backward_grad_sync = last
+                wrapped.require_backward_grad_sync = last
             start = (rank * micro_steps + micro) * batch_size
             X, Y = (t.to(dev, non_blocking=True) for t in load_rows("train", offsets[start:start + batch_size], raw_model.config.vocab_size))
             with ctx:
