@@ -200,9 +200,11 @@ def bench_generate(dev, ptdtype):
     if memory:
         result["peak_mem_mib_at"] = memory
     if use_cache:
+        # sized as generate_stream sizes it: every position, capped at block_size unless rope runs past it
         positions = prompt_len + new_tokens
-        cache = KVCache(model.config, 1, positions if (rope and beyond_block_size) else min(positions, block_size), "meta",
-                        model.lm_head.weight.dtype)
+        if not (rope and beyond_block_size):
+            positions = min(positions, block_size)
+        cache = KVCache(model.config, 1, positions, "meta", getattr(torch, ptdtype))
         result["kv_cache_bytes"] = cache.nbytes()
     return result
 

@@ -112,21 +112,17 @@ def char_vocab_path(dataset, data_root="data"):
     return os.path.join(data_root, dataset, "meta.json")
 
 
-def get_tokenizer(dataset=None, data_root="data"):
-    """(encode, decode, start_ids): the dataset's character vocabulary (meta.json) when it has one, GPT-2 BPE
-    otherwise. start_ids begin a sample with no prompt: <|endoftext|> for BPE, none for characters."""
-    meta_path = char_vocab_path(dataset, data_root) if dataset else None
-    if meta_path and os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-        stoi = meta["stoi"]
-        itos = {int(i): ch for i, ch in meta["itos"].items()}
+def get_tokenizer(chars=None):
+    """(encode, decode, start_ids): a character vocabulary (a list: token id -> character) when given,
+    GPT-2 BPE otherwise. start_ids begin a sample with no prompt: <|endoftext|> for BPE, none for characters."""
+    if chars is not None:
+        stoi = {ch: i for i, ch in enumerate(chars)}
         def encode(text):
             unknown = sorted(set(ch for ch in text if ch not in stoi))
             if unknown:
-                raise UserError(f"characters {''.join(unknown)!r} are not in the vocabulary of {meta_path}")
+                raise UserError(f"characters {''.join(unknown)!r} are not in the model's vocabulary of {len(chars)} characters")
             return [stoi[ch] for ch in text]
-        return encode, lambda ids: "".join(itos[i] for i in ids), []
+        return encode, lambda ids: "".join(chars[i] for i in ids), []
     import tiktoken
     try:
         enc = tiktoken.get_encoding("gpt2")

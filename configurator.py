@@ -71,6 +71,8 @@ def apply_overrides(namespace, args, nullable=()):
                 value = ast.literal_eval(raw)
             except (SyntaxError, ValueError):
                 value = raw
+            if isinstance(namespace.get(key), str) and not isinstance(value, str):
+                value = raw  # a text setting takes the text as written: --start=42, --out_dir=2024
         else:
             key, value = arg[2:], True
         if key not in keys:

@@ -103,6 +103,7 @@ def apply_rope(x, cos, sin):
     """x: (B, n_heads, T, head_dim); cos, sin: (T, head_dim)."""
     half = x.shape[-1] // 2
     rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # under autocast q, k are bf16: keep them so, like v
     return x * cos + rotated_half * sin
 
 
@@ -159,16 +160,22 @@ def blocked_local_attention(q, k, v, window, block=None, dropout_p=0.0):
 _flex_block_masks = {}
 
 
-def flex_window_attention(q, k, v, window):
-    """FlexAttention with a block-sparse sliding-window mask: skips the blocks outside the band (fast on CUDA under compile)."""
-    from torch.nn.attention.flex_attention import flex_attention, create_block_mask
-    T = q.shape[-2]
-    key = (T, window, q.device)
+@torch.compiler.disable  # built once per (T, window, device) outside the compiled graph, then reused
+def sliding_window_block_mask(T, window, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+    key = (T, window, str(device))
     if key not in _flex_block_masks:
         def sliding_window_causal(b, h, q_idx, kv_idx):
             return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
-        _flex_block_masks[key] = create_block_mask(sliding_window_causal, None, None, T, T, device=q.device)
-    return flex_attention(q, k, v, block_mask=_flex_block_masks[key], enable_gqa=q.shape[1] != k.shape[1])
+        _flex_block_masks[key] = create_block_mask(sliding_window_causal, None, None, T, T, device=device)
+    return _flex_block_masks[key]
+
+
+def flex_window_attention(q, k, v, window):
+    """FlexAttention with a block-sparse sliding-window mask: skips the blocks outside the band (fast on CUDA under compile)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    block_mask = sliding_window_block_mask(q.shape[-2], window, q.device)
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def causal_attention(q, k, v, window=None, impl="auto", dropout_p=0.0):
@@ -187,6 +194,8 @@ def causal_attention(q, k, v, window=None, impl="auto", dropout_p=0.0):
         else:
             impl = "blocked" if T >= 4 * window else "dense"
     if impl == "flex":
+        if dropout_p > 0.0:
+            raise ValueError("the flex attention kernel has no dropout; use attn_impl='blocked' or dropout=0")
         return flex_window_attention(q, k, v, window)
     if impl == "blocked":
         return blocked_local_attention(q, k, v, window, dropout_p=dropout_p)
@@ -239,8 +248,8 @@ class KVCache:
             if self.pos != 0:
                 raise ValueError("the rolling cache takes a multi-token prefill only when empty")
             last = torch.arange(T - size, T, device=k.device)
-            keys[:, :, last % size] = k[:, :, -size:]
-            values[:, :, last % size] = v[:, :, -size:]
+            keys[:, :, last % size] = k[:, :, -size:].to(keys.dtype)  # index writes do not cast by themselves
+            values[:, :, last % size] = v[:, :, -size:].to(values.dtype)
             return None
         slot = self.pos % size
         keys[:, :, slot:slot + 1] = k
@@ -510,6 +519,10 @@ class GPT(nn.Module):
             raise ValueError("generation needs a prompt of at least one token")
         cfg = self.config
         unbounded = cfg.rope and beyond_block_size
+        # keys and values are cached in the dtype they are computed in: bf16/fp16 under autocast
+        device_type = idx.device.type
+        cache_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                       else self.lm_head.weight.dtype)
         cache = None
         for _ in range(max_new_tokens):
             if not use_cache:
@@ -518,8 +531,10 @@ class GPT(nn.Module):
             elif cache is None or (not unbounded and cache.pos >= cfg.block_size):
                 # (re)fill the cache from the prompt, or from the recent context after a slide
                 keep = idx if unbounded else idx[:, -(cfg.block_size if cache is None else cfg.block_size // 2):]
-                positions = keep.shape[1] + (max_new_tokens if unbounded else cfg.block_size)
-                cache = KVCache(cfg, idx.shape[0], positions, idx.device, self.lm_head.weight.dtype)
+                positions = keep.shape[1] + max_new_tokens  # what this cache can ever hold
+                if not unbounded:
+                    positions = min(positions, cfg.block_size)
+                cache = KVCache(cfg, idx.shape[0], positions, idx.device, cache_dtype)
                 logits, _ = self(keep, kv_cache=cache, last_only=True)
             else:
                 logits, _ = self(idx[:, -1:], kv_cache=cache, last_only=True)

@@ -28,7 +28,6 @@ top_p = None  # nucleus sampling: keep the smallest set of tokens whose probabil
 seed = 1337
 device = "auto"
 dtype = "auto"
-compile = False
 use_cache = True  # KV cache: one position per new token instead of the whole context
 stream = None  # print tokens as they come; None: on when writing to a terminal
 beyond_block_size = False  # with rope, keep generating past block_size instead of sliding the context
@@ -36,7 +35,7 @@ beyond_block_size = False  # with rope, keep generating past block_size instead 
 
 
 def load_model(init_from, out_dir, dev):
-    """(model, dataset name or None, data root) from a checkpoint or a GPT-2 checkpoint."""
+    """(model, character vocabulary or None) from a checkpoint of train.py or a GPT-2 checkpoint."""
     if init_from == "resume":
         checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
         try:
@@ -44,11 +43,14 @@ def load_model(init_from, out_dir, dev):
             load_model_state(model, checkpoint["model"])
         except ValueError as e:
             raise UserError(f"{os.path.join(out_dir, 'ckpt.pt')}: {e}") from None
-        config = checkpoint.get("config", {})
-        return model.to(dev), config.get("dataset"), config.get("data_root", "data")
+        chars = checkpoint.get("chars")
+        if chars is None and model.config.vocab_size < 50257:
+            raise UserError(f"{os.path.join(out_dir, 'ckpt.pt')} has a {model.config.vocab_size}-token vocabulary "
+                            f"but no character list, so its tokens cannot be decoded")
+        return model.to(dev), chars
     if init_from.startswith("gpt2") or os.path.isdir(init_from):
         try:
-            return GPT.from_pretrained(init_from, dict(dropout=0.0)).to(dev), None, "data"
+            return GPT.from_pretrained(init_from, dict(dropout=0.0)).to(dev), None
         except (OSError, ValueError) as e:
             raise UserError(str(e)) from None
     raise UserError(f"unknown init_from {init_from!r}; use resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local directory")
@@ -74,11 +76,9 @@ def main():
             raise UserError(f"prompt file {path} does not exist")
         with open(path, encoding="utf-8") as f:
             prompt = f.read()
-    model, dataset, data_root = load_model(init_from, out_dir, dev)
+    model, chars = load_model(init_from, out_dir, dev)
     model.eval()
-    if compile:
-        model = torch.compile(model)
-    encode, decode, start_ids = get_tokenizer(dataset, data_root)
+    encode, decode, start_ids = get_tokenizer(chars)
 
     ids = encode(prompt) if prompt else start_ids
     if not ids:

@@ -154,14 +154,15 @@ def main():
         raise UserError("--fsdp=True needs several processes: launch with torchrun --standalone --nproc_per_node=N train.py --fsdp=True")
     master = rank == 0
     dev = pick_device(device)
-    if distributed and dev == "cuda":
-        dev = f"cuda:{local_rank}"
+    if distributed and dev.startswith("cuda"):
+        dev = f"cuda:{local_rank}"  # one GPU per process, whatever cuda:N was asked for
     device_type = dev.split(":")[0]
     ptdtype_name = pick_dtype(dtype, dev)
     if fsdp and ptdtype_name == "float16":
         raise UserError("FSDP here uses bfloat16 mixed precision; float16 needs a sharded grad scaler: use --dtype=bfloat16")
-    if gradient_accumulation_steps < 1 or batch_size < 1:
-        raise UserError("gradient_accumulation_steps and batch_size must be >= 1")
+    for name in ("gradient_accumulation_steps", "batch_size", "eval_interval", "log_interval", "eval_iters"):
+        if globals()[name] < 1:
+            raise UserError(f"--{name} must be >= 1, got {globals()[name]}")
     if gradient_accumulation_steps % world_size != 0:
         raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} (global) does not divide by the "
                         f"{world_size} processes; use a multiple of {world_size}")
@@ -171,10 +172,11 @@ def main():
 
     # ---- model ---------------------------------------------------------------------------------
     meta_path = char_vocab_path(dataset, data_root)
-    vocab_size = 50304  # GPT-2's 50257 padded to a multiple of 64
+    vocab_size, chars = 50304, None  # GPT-2's 50257 padded to a multiple of 64; chars: a character vocabulary
     if os.path.exists(meta_path):
         with open(meta_path) as f:
-            vocab_size = json.load(f)["vocab_size"]
+            meta = json.load(f)
+        vocab_size, chars = meta["vocab_size"], [meta["itos"][str(i)] for i in range(meta["vocab_size"])]
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                       vocab_size=vocab_size, dropout=dropout, rope=rope, rope_theta=rope_theta,
                       n_kv_head=n_kv_head, window=window)
@@ -265,7 +267,7 @@ def main():
         if master:
             save_checkpoint(dict(model=model_sd, optimizer=optim_sd, scaler=scaler.state_dict(), model_args=model_args,
                                  iter_num=iter_num, best_val_loss=best_val_loss, config=config, rng=rng,
-                                 world_size=world_size), ckpt_path)
+                                 world_size=world_size, chars=chars), ckpt_path)
 
     metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master else None
 
@@ -312,7 +314,7 @@ def main():
 
     signal.signal(signal.SIGTERM, Stop.handle)
     signal.signal(signal.SIGINT, Stop.handle)
-    resumed_at = iter_num if init_from == "resume" else None
+    resumed_at = iter_num if init_from == "resume" and not eval_only else None
     stop_requested = False
     first_iter = iter_num
     t0 = time.time()
@@ -322,7 +324,7 @@ def main():
             group["lr"] = lr
 
         # evaluate and checkpoint (a resumed run already did this at the step it resumed from)
-        if (iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at:
+        if (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and iter_num != resumed_at:
             losses = estimate_loss()
             if master:
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")

@@ -79,7 +79,6 @@ def test_int_accepted_for_float():
     ("--n_layer=True", "n_layer"),      # bool is not an int here
     ("--compile=1", "compile"),         # int for a bool
     ("--learning_rate=fast", "learning_rate"),  # string for a float
-    ("--dataset=3", "dataset"),         # int for a string
 ])
 def test_wrong_type(arg, key):
     ns = settings()
@@ -202,10 +201,16 @@ def test_train_py_missing_config_file(tmp_path):
 
 def test_none_only_where_a_setting_can_be_switched_off():
     ns = settings(top_k=200)
-    with pytest.raises(UserError, match="dataset cannot be None"):
-        apply_overrides(ns, ["--dataset=None"])
-    assert ns["dataset"] == "openwebtext"
+    with pytest.raises(UserError, match="n_layer cannot be None"):
+        apply_overrides(ns, ["--n_layer=None"])
+    assert ns["n_layer"] == 12
     with pytest.raises(UserError, match="top_k cannot be None"):
         apply_overrides(ns, ["--top_k=None"])
     apply_overrides(ns, ["--top_k=None"], nullable={"top_k"})
     assert ns["top_k"] is None
+
+
+def test_text_setting_takes_numbers_as_text():
+    ns = settings()
+    apply_overrides(ns, ["--out_dir=2024", "--dataset=42"])
+    assert ns["out_dir"] == "2024" and ns["dataset"] == "42"

@@ -346,3 +346,17 @@ def test_validate_sampling_accepts_valid():
 def test_generate_empty_prompt_raises():
     with pytest.raises(ValueError, match="prompt"):
         tiny_model().generate(torch.zeros(1, 0, dtype=torch.long), 5)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_cached_generation_under_bf16_autocast(window):
+    """Under autocast keys/values are bf16: the cache holds them as such (a rolling prefill longer than
+    the window included), and greedy output equals the uncached path's."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=32, rope=True,
+                          n_kv_head=2, window=window)).eval()
+    prompt = torch.randint(0, 64, (1, 10))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cached = model.generate(prompt, 12, temperature=0, use_cache=True)
+        uncached = model.generate(prompt, 12, temperature=0, use_cache=False)
+    assert torch.equal(cached, uncached)

@@ -265,6 +265,7 @@ BAD_INPUTS = {
     "missing config file": (["config/no_such_config.py"], ["no_such_config.py", "does not exist"]),
     "resume with no checkpoint": (["--init_from=resume", "--out_dir={tmp}/empty"], ["no checkpoint"]),
     "unknown init_from": (["--init_from=gpt3"], ["init_from"]),
+    "eval_interval of zero": (["--eval_interval=0"], ["eval_interval", ">= 1"]),
 }
 
 
@@ -333,3 +334,24 @@ def test_accumulation_that_does_not_divide_the_world_size(data_root, tmp_path):
     assert result.returncode != 0
     assert "gradient_accumulation_steps=3" in result.stderr and "multiple of 2" in result.stderr
     assert not out.exists()
+
+
+def test_eval_only_on_a_checkpoint_evaluates_and_changes_no_checkpoint(data_root, existing_run):
+    ckpt_before = snapshot(existing_run)["ckpt.pt"]
+    result = run_script(*train_args(data_root, existing_run, "--init_from=resume", "--eval_only=True"), check=True)
+    assert "val loss" in result.stdout
+    with open(os.path.join(existing_run, "metrics.jsonl")) as f:
+        last = json.loads(f.read().strip().splitlines()[-1])
+    assert last["iter"] == 2 and "val_loss" in last
+    assert snapshot(existing_run)["ckpt.pt"] == ckpt_before
+
+
+def test_sample_decodes_with_the_checkpoints_own_vocabulary_from_any_folder(existing_run, tmp_path):
+    """The character list travels in ckpt.pt, so sampling works away from the data folder."""
+    result = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), f"--out_dir={existing_run}",
+                             "--max_new_tokens=30", "--num_samples=1", "--stream=False", "--start=ROMEO:"],
+                            cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout.split("---------------")[0]
+    assert text.startswith("ROMEO:") and len(text.rstrip("\n")) >= len("ROMEO:") + 25
+    assert torch.load(os.path.join(existing_run, "ckpt.pt"), weights_only=True)["chars"][:3] == ["\n", " ", "!"]
