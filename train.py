@@ -176,7 +176,9 @@ def main():
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             meta = json.load(f)
-        vocab_size, chars = meta["vocab_size"], [meta["itos"][str(i)] for i in range(meta["vocab_size"])]
+        vocab_size, itos = meta["vocab_size"], meta.get("itos", {})
+        if len(itos) == vocab_size:  # kept in the checkpoint so that sample.py can decode anywhere
+            chars = [itos[str(i)] for i in range(vocab_size)]
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                       vocab_size=vocab_size, dropout=dropout, rope=rope, rope_theta=rope_theta,
                       n_kv_head=n_kv_head, window=window)
