@@ -18,7 +18,7 @@ import torch
 
 from model import GPT, GPTConfig, KVCache, causal_attention
 from configurator import apply_overrides
-from common import UserError, run_main, pick_device, pick_dtype, autocast_context
+from common import UserError, run_main, pick_device, pick_dtype, autocast_context, estimate_mfu
 
 # -----------------------------------------------------------------------------
 mode = "train"  # 'train' | 'attention' | 'generate'
@@ -132,7 +132,7 @@ def bench_train(dev, ptdtype):
     sync(dev)
     dt = (time.perf_counter() - t0) / steps
     tokens_per_sec = batch_size * T / dt
-    mfu = model.estimate_mfu(T, tokens_per_sec, dev)
+    mfu = estimate_mfu(model, T, tokens_per_sec, dev)
     return dict(params=model.get_num_params(), flops_per_token=model.flops_per_token(T), ms_per_iter=dt * 1000,
                 tokens_per_sec=tokens_per_sec, mfu=mfu, peak_mem_mib=peak_memory_mib(dev),
                 kv_bytes_per_token=kv_bytes_per_token(model.config, torch.finfo(getattr(torch, ptdtype)).bits // 8))

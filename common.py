@@ -1,16 +1,19 @@
 """
-What train.py, sample.py and bench.py share and that is not the model: user-facing errors,
-choosing the device and dtype, crash-safe checkpoints, and picking the tokenizer.
+What the scripts share and that is not the model: user-facing errors, choosing the device and dtype,
+the GPU peak-FLOPs table, crash-safe checkpoints, the one road from a checkpoint (or a GPT-2 name,
+or a Hugging Face folder) to a ready model, and picking the tokenizer.
 """
 
 import os
 import sys
-import json
 import pickle
 import zipfile
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
+
+from model import GPT, GPTConfig, ConfigError, GPT2_NAMES, GPT2_VOCAB_SIZE, load_model_state
 
 
 class UserError(Exception):
@@ -52,7 +55,7 @@ def pick_dtype(dtype, device):
     kind = device.split(":")[0]
     if dtype == "auto":
         if kind == "cuda":
-            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            return "bfloat16" if cuda_has_native_bf16(device) else "float16"
         return "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
@@ -61,11 +64,53 @@ def pick_dtype(dtype, device):
     return dtype
 
 
+def cuda_has_native_bf16(device="cuda"):
+    """bfloat16 tensor cores arrived with Ampere (compute capability 8.0). torch.cuda.is_bf16_supported()
+    also answers True on a T4 or V100 (7.x), where bf16 is emulated and far slower than float16."""
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8
+
+
 def autocast_context(device, dtype):
     """Mixed precision for the forward pass; float32 needs none."""
     if dtype == "float32":
         return nullcontext()
     return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
+
+
+# -----------------------------------------------------------------------------
+# model FLOPs utilisation
+
+# Dense bf16 tensor-core peaks (FLOP/s) of common accelerators, from their vendors' data sheets.
+# MFU against the wrong peak is meaningless, so an unknown device reports no MFU rather than a guess.
+PEAK_BF16_FLOPS = [
+    ("H200", 989e12), ("GH200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+    ("H800", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("A10G", 70e12), ("A10", 125e12),
+    ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+    ("A6000", 155e12), ("V100", 125e12), ("T4", 65e12), ("MI300X", 1307e12), ("MI250X", 383e12),
+]
+
+
+def device_peak_flops(device=None):
+    """bf16 dense peak of a CUDA device (fp16 for pre-bf16 cards), or None for CPUs, MPS and unknown GPUs."""
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16_FLOPS:
+        if key in name:
+            return flops
+    return None
+
+
+def estimate_mfu(model, seq_len, tokens_per_second, device=None):
+    """Model FLOPs utilisation of `model` against the bf16 dense peak of the device in use; None when unknown."""
+    peak = device_peak_flops(device)
+    if peak is None:
+        return None
+    return model.flops_per_token(seq_len) * tokens_per_second / peak
 
 
 # -----------------------------------------------------------------------------
@@ -103,6 +148,56 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(checkpoint, dict) or not {"model", "model_args"} <= checkpoint.keys():
         raise UserError(f"{path} is not a checkpoint written by train.py (no model weights and model_args in it)")
     return checkpoint
+
+
+# -----------------------------------------------------------------------------
+# the one road from a source to a ready model
+
+@dataclass
+class LoadedModel:
+    model: GPT
+    checkpoint: dict | None = None  # the whole train.py checkpoint (optimizer, RNG, ...) for 'resume'
+    chars: list | None = None  # the character vocabulary of a character-level model; None means GPT-2 BPE
+
+
+def is_pretrained_source(init_from):
+    """A GPT-2 name ('gpt2', ...) or a local folder in the Hugging Face format."""
+    return init_from in GPT2_NAMES or os.path.isdir(init_from)
+
+
+def load_model(init_from, out_dir="out", model_args=None, overrides=None):
+    """
+    Every script gets its model here (on the CPU, in fp32; move it where it runs).
+      'scratch'                      GPT(GPTConfig(**model_args)), freshly initialised
+      'resume'                       out_dir/ckpt.pt written by train.py
+      'gpt2' ... 'gpt2-xl', a folder  GPT.from_pretrained, with `overrides` among GPTConfig.PRETRAINED_OVERRIDES
+    A source that does not exist, is damaged or does not fit the settings is a UserError.
+    """
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if init_from == "resume":
+        checkpoint = load_checkpoint(ckpt_path)
+        try:
+            model = GPT(GPTConfig.from_dict(checkpoint["model_args"]))
+            load_model_state(model, checkpoint["model"])
+        except ConfigError as e:
+            raise UserError(f"{ckpt_path}: {e}") from None
+        chars = checkpoint.get("chars")
+        if chars is None and model.config.vocab_size < GPT2_VOCAB_SIZE:
+            raise UserError(f"{ckpt_path} has a {model.config.vocab_size}-token vocabulary but no character list, "
+                            f"so its tokens cannot be decoded")
+        return LoadedModel(model, checkpoint, chars)
+    if init_from == "scratch":
+        try:
+            return LoadedModel(GPT(GPTConfig(**model_args)))
+        except ConfigError as e:
+            raise UserError(str(e)) from None
+    if is_pretrained_source(init_from):
+        try:
+            return LoadedModel(GPT.from_pretrained(init_from, overrides))
+        except (OSError, ConfigError) as e:
+            raise UserError(str(e)) from None
+    raise UserError(f"unknown init_from {init_from!r}; use resume, scratch, {', '.join(GPT2_NAMES)} "
+                    f"or a local folder in the Hugging Face format")
 
 
 # -----------------------------------------------------------------------------

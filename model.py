@@ -24,10 +24,20 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 
+class ConfigError(ValueError):
+    """A setting, shape or checkpoint that does not fit the model: the caller's input, not a bug in this file.
+    Scripts turn it into one line for the user; any other exception keeps its traceback."""
+
+
+GPT2_VOCAB_SIZE = 50257  # GPT-2's BPE: 50,000 merges, 256 bytes and <|endoftext|>
+PADDED_GPT2_VOCAB_SIZE = 50304  # the same padded up to a multiple of 64: faster matmuls, unused rows never trained
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's checkpoints, by their hub names
+
+
 @dataclass
 class GPTConfig:
     block_size: int = 1024
-    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed
+    vocab_size: int = PADDED_GPT2_VOCAB_SIZE
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -40,31 +50,34 @@ class GPTConfig:
     # A tuple/list with one entry per layer (int or None) mixes local and global layers.
     window: int | tuple | list | None = None
 
+    # the fields a pretrained checkpoint lets a user change when loading it; its weights fix the others
+    PRETRAINED_OVERRIDES = ("block_size", "dropout", "n_kv_head", "window")
+
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+            raise ConfigError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(f"GPTConfig.n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+            raise ConfigError(f"GPTConfig.n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if not isinstance(self.n_kv_head, int) or self.n_kv_head < 1 or self.n_head % self.n_kv_head != 0:
-            raise ValueError(f"GPTConfig.n_kv_head={self.n_kv_head!r} must be a positive integer that divides n_head={self.n_head}")
+            raise ConfigError(f"GPTConfig.n_kv_head={self.n_kv_head!r} must be a positive integer that divides n_head={self.n_head}")
         if self.rope and self.head_dim % 2 != 0:
-            raise ValueError(f"rope needs an even head dimension, got n_embd/n_head = {self.head_dim}")
+            raise ConfigError(f"rope needs an even head dimension, got n_embd/n_head = {self.head_dim}")
         if self.rope and not self.rope_theta > 0:
-            raise ValueError(f"GPTConfig.rope_theta must be positive, got {self.rope_theta!r}")
+            raise ConfigError(f"GPTConfig.rope_theta must be positive, got {self.rope_theta!r}")
         windows = self.window if isinstance(self.window, (tuple, list)) else [self.window]
         if isinstance(self.window, (tuple, list)):
             if len(self.window) != self.n_layer:
-                raise ValueError(f"GPTConfig.window has {len(self.window)} entries but n_layer={self.n_layer}; give one per layer (None for a global layer)")
+                raise ConfigError(f"GPTConfig.window has {len(self.window)} entries but n_layer={self.n_layer}; give one per layer (None for a global layer)")
             self.window = tuple(self.window)  # hashable and JSON-friendly after asdict
         for w in windows:
             if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
-                raise ValueError(f"GPTConfig.window must be None or an integer >= 1, got {w!r}")
+                raise ConfigError(f"GPTConfig.window must be None or an integer >= 1, got {w!r}")
 
     @property
     def head_dim(self):
@@ -195,7 +208,7 @@ def causal_attention(q, k, v, window=None, impl="auto", dropout_p=0.0):
             impl = "blocked" if T >= 4 * window else "dense"
     if impl == "flex":
         if dropout_p > 0.0:
-            raise ValueError("the flex attention kernel has no dropout; use attn_impl='blocked' or dropout=0")
+            raise ConfigError("the flex attention kernel has no dropout; use attn_impl='blocked' or dropout=0")
         return flex_window_attention(q, k, v, window)
     if impl == "blocked":
         return blocked_local_attention(q, k, v, window, dropout_p=dropout_p)
@@ -238,7 +251,7 @@ class KVCache:
         rolling = w is not None and size == w
         if not rolling or self.pos + T <= size:  # no wrap-around: write in place
             if self.pos + T > size:
-                raise ValueError(f"KV cache holds {size} positions; generating past it needs a larger cache")
+                raise ConfigError(f"KV cache holds {size} positions; generating past it needs a larger cache")
             keys[:, :, self.pos:self.pos + T] = k
             values[:, :, self.pos:self.pos + T] = v
             return keys[:, :, :self.pos + T], values[:, :, :self.pos + T]
@@ -246,7 +259,7 @@ class KVCache:
         # keys is done by the caller; keep only the last `size` positions.
         if T > 1:
             if self.pos != 0:
-                raise ValueError("the rolling cache takes a multi-token prefill only when empty")
+                raise ConfigError("the rolling cache takes a multi-token prefill only when empty")
             last = torch.arange(T - size, T, device=k.device)
             keys[:, :, last % size] = k[:, :, -size:].to(keys.dtype)  # index writes do not cast by themselves
             values[:, :, last % size] = v[:, :, -size:].to(values.dtype)
@@ -372,7 +385,7 @@ class GPT(nn.Module):
     def set_attention_impl(self, impl):
         """'auto' | 'dense' | 'blocked' | 'flex': how windowed layers compute attention."""
         if impl not in ("auto", "dense", "blocked", "flex"):
-            raise ValueError(f"attention impl must be auto, dense, blocked or flex, got {impl!r}")
+            raise ConfigError(f"attention impl must be auto, dense, blocked or flex, got {impl!r}")
         for block in self.transformer.h:
             block.attn.attn_impl = impl
 
@@ -385,7 +398,7 @@ class GPT(nn.Module):
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if not self.config.rope and start + T > self.config.block_size:
-            raise ValueError(f"sequence of length {start + T} is longer than block_size={self.config.block_size} (learned position embedding)")
+            raise ConfigError(f"sequence of length {start + T} is longer than block_size={self.config.block_size} (learned position embedding)")
         x = self.transformer.wte(idx)
         rope = None
         if self.config.rope:
@@ -422,21 +435,19 @@ class GPT(nn.Module):
         mean-pooling the key and value heads of each group (Ainslie et al., 2023).
         """
         override_args = dict(override_args or {})
-        allowed = {"dropout", "block_size", "window", "n_kv_head", "bias"}
+        allowed = set(GPTConfig.PRETRAINED_OVERRIDES)
         unknown = set(override_args) - allowed
         if unknown:
-            raise ValueError(f"from_pretrained can override only {sorted(allowed)}, not {sorted(unknown)}")
+            raise ConfigError(f"from_pretrained can override only {sorted(allowed)}, not {sorted(unknown)}")
         from transformers import GPT2Config, GPT2LMHeadModel
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()  # a progress bar per load is noise in logs and tests
         try:
             hf = GPT2Config.from_pretrained(name_or_path)  # small: check the overrides before loading weights
             if override_args.get("block_size", hf.n_positions) > hf.n_positions:
-                raise ValueError(f"block_size={override_args['block_size']} is larger than the {hf.n_positions} positions {name_or_path!r} was trained with")
-            if override_args.get("bias", True) is not True:
-                raise ValueError("GPT-2 checkpoints have biases; bias must stay True")
+                raise ConfigError(f"block_size={override_args['block_size']} is larger than the {hf.n_positions} positions {name_or_path!r} was trained with")
             hf_model = GPT2LMHeadModel.from_pretrained(name_or_path)
-        except ValueError:
+        except ConfigError:
             raise
         except Exception as e:  # no network, no such directory, not a GPT-2 checkpoint
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -465,7 +476,7 @@ class GPT(nn.Module):
                 if name.endswith("attn.c_attn.weight") or name.endswith("attn.c_attn.bias"):
                     source = _pool_kv_heads(source, config.n_head, config.n_kv_head, hd, C)
                 if source.shape != target.shape:
-                    raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(source.shape)} vs model {tuple(target.shape)}")
+                    raise ConfigError(f"shape mismatch for {name}: checkpoint {tuple(source.shape)} vs model {tuple(target.shape)}")
                 target.copy_(source)
         return model
 
@@ -494,13 +505,6 @@ class GPT(nn.Module):
             attn += 12 * cfg.n_head * cfg.head_dim * context
         return 6 * n + attn
 
-    def estimate_mfu(self, seq_len, tokens_per_second, device=None):
-        """Model FLOPs utilisation against the bf16 dense peak of the device in use; None when unknown."""
-        peak = device_peak_flops(device)
-        if peak is None:
-            return None
-        return self.flops_per_token(seq_len) * tokens_per_second / peak
-
     # -------------------------------------------------------------------------
     # Generation
 
@@ -516,7 +520,7 @@ class GPT(nn.Module):
         """
         validate_sampling(max_new_tokens, temperature, top_k, top_p)
         if idx.shape[1] == 0:
-            raise ValueError("generation needs a prompt of at least one token")
+            raise ConfigError("generation needs a prompt of at least one token")
         cfg = self.config
         unbounded = cfg.rope and beyond_block_size
         # keys and values are cached in the dtype they are computed in: bf16/fp16 under autocast
@@ -560,7 +564,7 @@ def load_model_state(model, state_dict):
                  for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
     if problems:
         shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
-        raise ValueError(f"checkpoint does not match the model architecture: {shown}")
+        raise ConfigError(f"checkpoint does not match the model architecture: {shown}")
     model.load_state_dict(state_dict)
 
 
@@ -577,13 +581,13 @@ def _pool_kv_heads(weight, n_head, n_kv_head, head_dim, n_embd):
 
 def validate_sampling(max_new_tokens, temperature, top_k, top_p):
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        raise ConfigError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
+        raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+        raise ConfigError(f"top_k must be None or an integer >= 1, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -603,27 +607,3 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         logits = logits.masked_fill(drop, float("-inf"))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
-
-
-# Dense bf16 tensor-core peaks (FLOP/s) of common accelerators, from their vendors' data sheets.
-# MFU against the wrong peak is meaningless, so an unknown device reports no MFU rather than a guess.
-PEAK_BF16_FLOPS = [
-    ("H200", 989e12), ("GH200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
-    ("H800", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("A10G", 70e12), ("A10", 125e12),
-    ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
-    ("A6000", 155e12), ("V100", 125e12), ("T4", 65e12), ("MI300X", 1307e12), ("MI250X", 383e12),
-]
-
-
-def device_peak_flops(device=None):
-    """bf16 dense peak of a CUDA device (fp16 for pre-bf16 cards), or None for CPUs, MPS and unknown GPUs."""
-    if device is None:
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16_FLOPS:
-        if key in name:
-            return flops
-    return None

@@ -12,9 +12,9 @@ import time
 
 import torch
 
-from model import GPT, GPTConfig, load_model_state, validate_sampling
+from model import ConfigError, validate_sampling
 from configurator import apply_overrides
-from common import UserError, run_main, pick_device, pick_dtype, autocast_context, load_checkpoint, get_tokenizer
+from common import UserError, run_main, pick_device, pick_dtype, autocast_context, load_model, get_tokenizer
 
 # -----------------------------------------------------------------------------
 init_from = "resume"  # 'resume' (from out_dir) | 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' | a local HF directory
@@ -34,33 +34,11 @@ beyond_block_size = False  # with rope, keep generating past block_size instead 
 # -----------------------------------------------------------------------------
 
 
-def load_model(init_from, out_dir, dev):
-    """(model, character vocabulary or None) from a checkpoint of train.py or a GPT-2 checkpoint."""
-    if init_from == "resume":
-        checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
-        try:
-            model = GPT(GPTConfig.from_dict(checkpoint["model_args"]))
-            load_model_state(model, checkpoint["model"])
-        except ValueError as e:
-            raise UserError(f"{os.path.join(out_dir, 'ckpt.pt')}: {e}") from None
-        chars = checkpoint.get("chars")
-        if chars is None and model.config.vocab_size < 50257:
-            raise UserError(f"{os.path.join(out_dir, 'ckpt.pt')} has a {model.config.vocab_size}-token vocabulary "
-                            f"but no character list, so its tokens cannot be decoded")
-        return model.to(dev), chars
-    if init_from.startswith("gpt2") or os.path.isdir(init_from):
-        try:
-            return GPT.from_pretrained(init_from, dict(dropout=0.0)).to(dev), None
-        except (OSError, ValueError) as e:
-            raise UserError(str(e)) from None
-    raise UserError(f"unknown init_from {init_from!r}; use resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local directory")
-
-
 def main():
     apply_overrides(globals(), sys.argv[1:], nullable={"top_k"})
     try:
         validate_sampling(max_new_tokens, temperature, top_k, top_p)
-    except ValueError as e:
+    except ConfigError as e:
         raise UserError(str(e)) from None
     if num_samples < 1:
         raise UserError(f"num_samples must be >= 1, got {num_samples}")
@@ -76,8 +54,10 @@ def main():
             raise UserError(f"prompt file {path} does not exist")
         with open(path, encoding="utf-8") as f:
             prompt = f.read()
-    model, chars = load_model(init_from, out_dir, dev)
-    model.eval()
+    if init_from == "scratch":
+        raise UserError("sample.py needs a trained model: use --init_from=resume (with --out_dir), a GPT-2 name or a folder")
+    loaded = load_model(init_from, out_dir, overrides=dict(dropout=0.0))
+    model, chars = loaded.model.to(dev).eval(), loaded.chars
     encode, decode, start_ids = get_tokenizer(chars)
 
     ids = encode(prompt) if prompt else start_ids

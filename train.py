@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from model import GPT, GPTConfig, load_model_state
 from configurator import apply_overrides
-from common import UserError, run_main, pick_device, pick_dtype, autocast_context, save_checkpoint, load_checkpoint, char_vocab_path
+from common import UserError, run_main, pick_device, pick_dtype, autocast_context, save_checkpoint, load_checkpoint, char_vocab_path, estimate_mfu
 
 # -----------------------------------------------------------------------------
 # default config: GPT-2 small (124M) on OpenWebText
@@ -386,7 +386,7 @@ def main():
         dt, t0 = t1 - t0, t1
         if iter_num % log_interval == 0:
             tokens_per_sec = gradient_accumulation_steps * batch_size * block_size / dt
-            mfu = raw_model.estimate_mfu(block_size, tokens_per_sec / world_size, dev)
+            mfu = estimate_mfu(raw_model, block_size, tokens_per_sec / world_size, dev)
             record = dict(iter=iter_num, loss=step_loss, lr=lr, grad_norm=grad_norm, ms=dt * 1000, tokens_per_sec=tokens_per_sec)
             if mfu is not None:
                 record["mfu"] = mfu
