@@ -6,6 +6,7 @@ or a Hugging Face folder) to a ready model, and picking the tokenizer.
 
 import os
 import sys
+import json
 import pickle
 import zipfile
 from contextlib import nullcontext
@@ -21,11 +22,14 @@ class UserError(Exception):
 
 
 def run_main(main):
-    """Run a script's main(), turning a UserError into one clear line and a non-zero exit."""
+    """Run a script's main(), turning a UserError into one clear line and a non-zero exit. Under torchrun
+    every process meets the same mistake (the checks depend only on settings and rank 0's files), so rank 0
+    alone prints it: one line, not one per GPU."""
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 
@@ -132,21 +136,23 @@ def save_checkpoint(checkpoint, path):
         os.close(dir_fd)
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint without running any code from it (weights_only=True); clear errors for the rest."""
-    if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}; train one first, or point --out_dir at the folder that has ckpt.pt")
+def load_checkpoint(source, map_location="cpu", name=None):
+    """Load a checkpoint (a path, or a file-like object named `name` in messages) without running any code
+    from it (weights_only=True); clear errors for the rest."""
+    name = name or source
+    if isinstance(source, str) and not os.path.exists(source):
+        raise UserError(f"no checkpoint at {source}; train one first, or point --out_dir at the folder that has ckpt.pt")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"refused to load {path}: it holds objects other than tensors and plain values, "
+        raise UserError(f"refused to load {name}: it holds objects other than tensors and plain values, "
                         f"and loading it could run code ({first[:200]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise UserError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); "
+        raise UserError(f"checkpoint {name} is truncated or corrupt ({type(e).__name__}); "
                         f"restore it from a backup or train again") from None
     if not isinstance(checkpoint, dict) or not {"model", "model_args"} <= checkpoint.keys():
-        raise UserError(f"{path} is not a checkpoint written by train.py (no model weights and model_args in it)")
+        raise UserError(f"{name} is not a checkpoint written by train.py (no model weights and model_args in it)")
     return checkpoint
 
 
@@ -165,17 +171,18 @@ def is_pretrained_source(init_from):
     return init_from in GPT2_NAMES or os.path.isdir(init_from)
 
 
-def load_model(init_from, out_dir="out", model_args=None, overrides=None):
+def load_model(init_from, out_dir="out", model_args=None, overrides=None, checkpoint=None):
     """
     Every script gets its model here (on the CPU, in fp32; move it where it runs).
       'scratch'                      GPT(GPTConfig(**model_args)), freshly initialised
-      'resume'                       out_dir/ckpt.pt written by train.py
+      'resume'                       out_dir/ckpt.pt written by train.py (or `checkpoint`, already read from it)
       'gpt2' ... 'gpt2-xl', a folder  GPT.from_pretrained, with `overrides` among GPTConfig.PRETRAINED_OVERRIDES
     A source that does not exist, is damaged or does not fit the settings is a UserError.
     """
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if init_from == "resume":
-        checkpoint = load_checkpoint(ckpt_path)
+        if checkpoint is None:
+            checkpoint = load_checkpoint(ckpt_path)
         try:
             model = GPT(GPTConfig.from_dict(checkpoint["model_args"]))
             load_model_state(model, checkpoint["model"])
@@ -205,6 +212,39 @@ def load_model(init_from, out_dir="out", model_args=None, overrides=None):
 
 def char_vocab_path(dataset, data_root="data"):
     return os.path.join(data_root, dataset, "meta.json")
+
+
+def read_char_vocab(meta_path: str) -> tuple[int, list[str] | None]:
+    """(vocab_size, chars) from a character data set's meta.json: chars maps token id -> character, or is
+    None for a meta.json that holds only the vocabulary size (no itos, or an empty one). A file that is
+    not such a JSON object (damaged, cut short, another file) is a UserError."""
+    def damaged(why):
+        return UserError(f"{meta_path} is not a valid character vocabulary ({why}); "
+                         f"write it again with the data set's prepare.py")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise damaged(f"not JSON: {e}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {meta_path}: {e.strerror or e}") from None
+    if not isinstance(meta, dict):
+        raise damaged(f"a JSON {type(meta).__name__}, not an object")
+    vocab_size = meta.get("vocab_size")
+    if type(vocab_size) is not int or vocab_size < 1:
+        raise damaged(f"vocab_size must be an integer >= 1, got {vocab_size!r}")
+    itos = meta.get("itos")
+    if itos is None or itos == {}:
+        return vocab_size, None
+    if not isinstance(itos, dict) or set(itos) != {str(i) for i in range(vocab_size)}:
+        raise damaged(f"itos must map every token id 0..{vocab_size - 1} to its character")
+    chars = [itos[str(i)] for i in range(vocab_size)]
+    bad = next((i for i, ch in enumerate(chars) if not isinstance(ch, str) or len(ch) != 1), None)
+    if bad is not None:
+        raise damaged(f"itos[{bad}] is {chars[bad]!r}, not one character")
+    if len(set(chars)) != vocab_size:
+        raise damaged("itos maps two token ids to the same character")
+    return vocab_size, chars
 
 
 def get_tokenizer(chars=None):

@@ -7,25 +7,28 @@ Trains a GPT on one device, or on many through torchrun, with DDP (the default) 
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py --fsdp=True     # FSDP2
 
 Every setting below can be changed by a config file or --key=value (configurator.py).
-The global batch of step k is a pure function of (seed, k), so runs are reproducible, resume exactly
-and train on the same batches whatever the number of processes.
+The global batch of step k is a pure function of (seed, k), and the dropout of its micro-batch j a pure
+function of (seed, k, j), so runs are reproducible, resume exactly and train alike on any number of processes.
 """
 
+import gc
+import io
 import os
 import sys
 import json
 import math
 import time
-import random
 import signal
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import GPT, GPTConfig, load_model_state
+from model import GPTConfig, ConfigError, GPT2_NAMES, PADDED_GPT2_VOCAB_SIZE
 from configurator import apply_overrides
-from common import UserError, run_main, pick_device, pick_dtype, autocast_context, save_checkpoint, load_checkpoint, char_vocab_path, estimate_mfu
+from common import (UserError, run_main, pick_device, pick_dtype, autocast_context, save_checkpoint, load_checkpoint,
+                    load_model, read_char_vocab, char_vocab_path, estimate_mfu, get_tokenizer)
 
 # -----------------------------------------------------------------------------
 # default config: GPT-2 small (124M) on OpenWebText
@@ -36,7 +39,9 @@ log_interval = 1
 eval_iters = 200
 eval_only = False  # evaluate once and exit
 always_save_checkpoint = True  # save at every eval, not only when val loss improves
-init_from = "scratch"  # 'scratch' | 'resume' | 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' | a local HF GPT-2 directory
+# 'scratch' | 'resume' (out_dir/ckpt.pt must exist) | 'auto' (resume when out_dir/ckpt.pt exists, else scratch:
+# the setting for long runs, torchrun restarts and SLURM requeues) | 'gpt2' ... 'gpt2-xl' | a local HF folder
+init_from = "scratch"
 # logging
 wandb_log = False
 wandb_project = "owt"
@@ -46,17 +51,10 @@ dataset = "openwebtext"
 data_root = "data"  # the bins are in data_root/dataset/{train,val}.bin
 gradient_accumulation_steps = 5 * 8  # global: micro-steps per optimizer step, summed over all processes
 batch_size = 12  # sequences per micro-step per process
-block_size = 1024
-# model
-n_layer = 12
-n_head = 12
-n_embd = 768
-dropout = 0.0  # 0 for pretraining, try 0.1+ for finetuning
-bias = True
-rope = False
-rope_theta = 10000.0
-n_kv_head = None  # None: multi-head attention; fewer: grouped-query attention
-window = None  # None: full causal attention; an int, or one entry per layer, for sliding windows
+# model: every GPTConfig field (model.py) is a setting of the same name and default: --n_layer, --rope, --window, ...
+# (vocab_size comes from the data: meta.json's for a character set, GPT-2's padded BPE otherwise)
+MODEL_SETTINGS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]
+globals().update({f.name: f.default for f in fields(GPTConfig) if f.name in MODEL_SETTINGS})
 attn_impl = "auto"  # 'auto' | 'dense' | 'blocked' | 'flex' for windowed layers
 # AdamW
 learning_rate = 6e-4
@@ -70,6 +68,10 @@ decay_lr = True
 warmup_iters = 2000
 lr_decay_iters = 600000
 min_lr = 6e-5
+# HellaSwag during training (GPT-2 BPE models): every hellaswag_interval steps and at the end; 0 is off
+hellaswag_interval = 0
+hellaswag_path = os.path.join("data", "hellaswag", "hellaswag_val.jsonl")
+hellaswag_max_examples = 0  # 0: all of them
 # distributed
 fsdp = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
 fsdp_cpu_offload = False
@@ -81,337 +83,393 @@ compile = None  # None: on for CUDA only
 seed = 1337
 # -----------------------------------------------------------------------------
 
-
-class Stop:
-    """SIGTERM/SIGINT ask for a checkpoint at the next step boundary; a second signal exits at once."""
-    requested = False
-
-    @classmethod
-    def handle(cls, signum, frame):
-        if cls.requested:
-            print(f"\nsecond {signal.Signals(signum).name}: exiting now without a checkpoint", file=sys.stderr, flush=True)
-            os._exit(128 + signum)
-        cls.requested = True
-        print(f"\n{signal.Signals(signum).name} received: will save a checkpoint and stop after this step", file=sys.stderr, flush=True)
+ATTN_IMPLS = ("auto", "dense", "blocked", "flex")
 
 
-def get_lr(it):
+def validate_settings(s):
+    """Every setting with a meaningful range, checked before any work is done or any file written."""
+    def need(ok, key, rule):
+        if not ok:
+            raise UserError(f"--{key}={s[key]!r} is out of range: {rule}")
+    for key in ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size"):
+        need(s[key] >= 1, key, "use an integer >= 1")
+    for key in ("max_iters", "warmup_iters", "hellaswag_interval", "hellaswag_max_examples"):
+        need(s[key] >= 0, key, "use an integer >= 0")
+    need(s["lr_decay_iters"] >= 1, "lr_decay_iters", "use an integer >= 1")
+    need(math.isfinite(s["learning_rate"]) and s["learning_rate"] > 0, "learning_rate", "use a positive number")
+    need(math.isfinite(s["min_lr"]) and 0 <= s["min_lr"] <= s["learning_rate"], "min_lr",
+         f"use a number in [0, learning_rate={s['learning_rate']}]")
+    need(math.isfinite(s["weight_decay"]) and s["weight_decay"] >= 0, "weight_decay", "use a number >= 0")
+    for key in ("beta1", "beta2"):
+        need(0 <= s[key] < 1, key, "use a number in [0, 1)")
+    need(math.isfinite(s["grad_clip"]) and s["grad_clip"] >= 0, "grad_clip", "use a number > 0, or 0 to disable clipping")
+    need(s["seed"] >= 0, "seed", "use an integer >= 0")
+    need(s["attn_impl"] in ATTN_IMPLS, "attn_impl", f"use one of {', '.join(ATTN_IMPLS)}")
+    need(s["out_dir"] != "", "out_dir", "give a folder name")
+    need(s["dataset"] != "" and os.sep not in s["dataset"], "dataset", "give the name of a folder under data_root")
+    need(not s["fsdp_cpu_offload"] or s["fsdp"], "fsdp_cpu_offload", "it needs --fsdp=True")
+    if os.path.exists(s["out_dir"]) and not os.path.isdir(s["out_dir"]):
+        raise UserError(f"out_dir {s['out_dir']!r} is a file, not a folder; choose another --out_dir")
+    sources = ("scratch", "resume", "auto", *GPT2_NAMES)
+    if s["init_from"] not in sources and not os.path.isdir(s["init_from"]):
+        raise UserError(f"unknown init_from {s['init_from']!r}; use {', '.join(sources)} or a local folder in the Hugging Face format")
+    if s["hellaswag_interval"] and not os.path.isfile(s["hellaswag_path"]):
+        raise UserError(f"--hellaswag_interval={s['hellaswag_interval']} but there is no {s['hellaswag_path']}; "
+                        f"download it with python data/hellaswag/prepare.py, or set --hellaswag_interval=0")
+    if s["wandb_log"]:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError("--wandb_log=True needs the wandb package: pip install wandb, or set --wandb_log=False") from None
+
+
+def lr_at(step, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr=True):
+    """Linear warmup over warmup_iters steps, cosine decay to min_lr at lr_decay_iters, then min_lr."""
     if not decay_lr:
         return learning_rate
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    if it > lr_decay_iters:
+    if step < warmup_iters:
+        return learning_rate * (step + 1) / (warmup_iters + 1)
+    if step > lr_decay_iters:
         return min_lr
-    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    ratio = (step - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-def open_bin(split):
-    # a fresh memmap per batch avoids the memory growth of keeping one open (nanoGPT's note)
-    return np.memmap(os.path.join(data_root, dataset, f"{split}.bin"), dtype=np.uint16, mode="r")
+# -----------------------------------------------------------------------------
+# the batch stream
+
+class BatchStream:
+    """
+    Rows of block_size + 1 tokens from data_dir/{train,val}.bin at offsets that are a pure function of
+    (seed, stream, index): stream 0 is training (index = step), 1 and 2 the fixed evaluation batches of
+    train and val. Every process computes the whole global batch's offsets and takes its slice.
+    """
+
+    def __init__(self, data_dir, block_size, seed, vocab_size):
+        self.data_dir, self.block_size, self.seed, self.vocab_size = data_dir, block_size, seed, vocab_size
+
+    def path(self, split):
+        return os.path.join(self.data_dir, f"{split}.bin")
+
+    def tokens(self, split):
+        # a fresh memmap per batch avoids the memory growth of keeping one open (nanoGPT's note)
+        return np.memmap(self.path(split), dtype=np.uint16, mode="r")
+
+    def check(self):
+        """All data problems a user can cause, found before any work is done."""
+        dataset = os.path.basename(os.path.normpath(self.data_dir))
+        for split in ("train", "val"):
+            path = self.path(split)
+            if not os.path.exists(path):
+                raise UserError(f"no {split} data at {path}; prepare it first with: python data/{dataset}/prepare.py")
+            n = os.path.getsize(path) // 2
+            if n < self.block_size + 1:
+                raise UserError(f"{path} has {n} tokens, fewer than block_size + 1 = {self.block_size + 1}; "
+                                f"use a smaller --block_size or more data")
+            if n <= 200_000_000:  # a full scan is quick below this size; larger sets are checked batch by batch
+                top = int(self.tokens(split).max())
+                if top >= self.vocab_size:
+                    raise UserError(f"{path} holds token id {top}, not below the model's vocab_size {self.vocab_size}: "
+                                    f"the data and the model disagree; prepare the data again with python data/{dataset}/prepare.py")
+
+    def offsets(self, stream, index, rows, split):
+        n_tokens = len(self.tokens(split))
+        return np.random.default_rng([self.seed, stream, index]).integers(0, n_tokens - self.block_size, size=rows)
+
+    def rows(self, split, offsets):
+        """(inputs, targets) as int64 tensors of shape (len(offsets), block_size)."""
+        data = self.tokens(split)
+        x = np.stack([data[o:o + self.block_size] for o in offsets]).astype(np.int64)
+        y = np.stack([data[o + 1:o + 1 + self.block_size] for o in offsets]).astype(np.int64)
+        if x.max() >= self.vocab_size or y.max() >= self.vocab_size:
+            raise UserError(f"{self.path(split)} holds a token id >= vocab_size {self.vocab_size}; prepare the data again")
+        return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def check_data(vocab_size):
-    """All data problems a user can cause, found before any work is done."""
-    for split in ("train", "val"):
-        path = os.path.join(data_root, dataset, f"{split}.bin")
-        if not os.path.exists(path):
-            raise UserError(f"no {split} data at {path}; prepare it first with: python data/{dataset}/prepare.py")
-        n = os.path.getsize(path) // 2
-        if n < block_size + 1:
-            raise UserError(f"{path} has {n} tokens, fewer than block_size + 1 = {block_size + 1}; use a smaller --block_size or more data")
-        if n <= 200_000_000:  # a full scan is quick below this size; larger sets are checked batch by batch
-            top = int(open_bin(split).max())
-            if top >= vocab_size:
-                raise UserError(f"{path} holds token id {top}, not below the model's vocab_size {vocab_size}: the data and "
-                                f"the model disagree; prepare the data again with python data/{dataset}/prepare.py")
+def dropout_seed(seed, step, micro_batch):
+    """The seed of the dropout masks of global micro-batch `micro_batch` of `step`, whichever process runs it."""
+    return int(np.random.SeedSequence([seed, step, micro_batch]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def load_rows(split, offsets, vocab_size):
-    data = open_bin(split)
-    x = np.stack([data[o:o + block_size] for o in offsets]).astype(np.int64)
-    y = np.stack([data[o + 1:o + 1 + block_size] for o in offsets]).astype(np.int64)
-    if x.max() >= vocab_size or y.max() >= vocab_size:
-        raise UserError(f"{split}.bin of {dataset} holds a token id >= vocab_size {vocab_size}; prepare the data again")
-    return torch.from_numpy(x), torch.from_numpy(y)
+# -----------------------------------------------------------------------------
+# processes
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    active: bool = False  # launched by torchrun, with a process group
+
+    @property
+    def master(self):
+        return self.rank == 0
 
 
-def offsets_for(stream, index, rows, split):
-    """Start offsets of `rows` sequences, a pure function of (seed, stream, index): the batch stream."""
-    n_tokens = len(open_bin(split))
-    return np.random.default_rng([seed, stream, index]).integers(0, n_tokens - block_size, size=rows)
+def distributed_env():
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; no RANK means one process."""
+    if "RANK" not in os.environ:
+        return Dist()
+    return Dist(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]), True)
 
 
-def main():
-    config = apply_overrides(globals(), sys.argv[1:])
-
-    # ---- distributed set-up: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE --------------------
-    distributed = int(os.environ.get("RANK", -1)) != -1
-    rank, local_rank, world_size = 0, 0, 1
-    if distributed:
-        rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    elif fsdp:
-        raise UserError("--fsdp=True needs several processes: launch with torchrun --standalone --nproc_per_node=N train.py --fsdp=True")
-    master = rank == 0
-    dev = pick_device(device)
-    if distributed and dev.startswith("cuda"):
-        dev = f"cuda:{local_rank}"  # one GPU per process, whatever cuda:N was asked for
-    device_type = dev.split(":")[0]
-    ptdtype_name = pick_dtype(dtype, dev)
-    if fsdp and ptdtype_name == "float16":
-        raise UserError("FSDP here uses bfloat16 mixed precision; float16 needs a sharded grad scaler: use --dtype=bfloat16")
-    for name in ("gradient_accumulation_steps", "batch_size", "eval_interval", "log_interval", "eval_iters"):
-        if globals()[name] < 1:
-            raise UserError(f"--{name} must be >= 1, got {globals()[name]}")
-    if gradient_accumulation_steps % world_size != 0:
-        raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} (global) does not divide by the "
-                        f"{world_size} processes; use a multiple of {world_size}")
-    micro_steps = gradient_accumulation_steps // world_size  # per process
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"out_dir {out_dir!r} is a file, not a folder; choose another --out_dir")
-
-    # ---- model ---------------------------------------------------------------------------------
-    meta_path = char_vocab_path(dataset, data_root)
-    vocab_size, chars = 50304, None  # GPT-2's 50257 padded to a multiple of 64; chars: a character vocabulary
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-        vocab_size, itos = meta["vocab_size"], meta.get("itos", {})
-        if len(itos) == vocab_size:  # kept in the checkpoint so that sample.py can decode anywhere
-            chars = [itos[str(i)] for i in range(vocab_size)]
-    model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                      vocab_size=vocab_size, dropout=dropout, rope=rope, rope_theta=rope_theta,
-                      n_kv_head=n_kv_head, window=window)
-    iter_num, best_val_loss, checkpoint = 0, 1e9, None
-    torch.manual_seed(seed)  # the same initial weights on every process (FSDP shards them where they are)
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    try:
-        if init_from == "scratch":
-            model = GPT(GPTConfig(**model_args))
-        elif init_from == "resume":
-            checkpoint = load_checkpoint(ckpt_path)
-            model_args = checkpoint["model_args"]
-            if model_args["block_size"] != block_size:
-                raise UserError(f"the checkpoint was trained with block_size={model_args['block_size']}; resume with that")
-            model = GPT(GPTConfig.from_dict(model_args))
-            load_model_state(model, checkpoint["model"])
-            iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        elif init_from.startswith("gpt2") or os.path.isdir(init_from):
-            override = dict(dropout=dropout, block_size=block_size)
-            if n_kv_head is not None:
-                override["n_kv_head"] = n_kv_head
-            if window is not None:
-                override["window"] = window
-            if rope:
-                raise UserError("GPT-2 checkpoints use learned positions; --rope=True needs init_from=scratch")
-            model = GPT.from_pretrained(init_from, override)
-            model_args = model.config.to_dict()
-        else:
-            raise UserError(f"unknown init_from {init_from!r}; use scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local directory")
-    except (ValueError, OSError) as e:
-        raise UserError(str(e)) from None
-    model_args = model.config.to_dict()
-    check_data(model.config.vocab_size)
-
-    if distributed:
+def init_process_group(dist_env, device_type):
+    if dist_env.active:
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-        if device_type == "cuda":
-            torch.cuda.set_device(dev)
-    if master:
-        os.makedirs(out_dir, exist_ok=True)
-    torch.manual_seed(seed + rank)  # dropout differs per process; batches come from the stream instead
-    if checkpoint is not None:
-        restore_rng(checkpoint.get("rng"), rank, world_size)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    model.set_attention_impl(attn_impl)
-    model.gradient_checkpointing = grad_checkpoint
-    model.to(dev)
 
-    # ---- wrap: DDP or FSDP2 --------------------------------------------------------------------
-    raw_model = model
-    ctx = autocast_context(dev, ptdtype_name)
-    if distributed and fsdp:
+
+class Stop:
+    """
+    SIGTERM/SIGINT ask for a checkpoint at the next step boundary. Run alone, a second signal exits at once.
+    Under torchrun a second one is the same request arriving again (scancel or Ctrl-C reach every worker
+    directly and again through the agent), so it is not taken for "exit now": torchrun kills what is still
+    running after its grace period anyway.
+    """
+    requested = False
+    under_torchrun = False
+
+    @classmethod
+    def install(cls, under_torchrun):
+        cls.requested, cls.under_torchrun = False, under_torchrun
+        signal.signal(signal.SIGTERM, cls.handle)
+        signal.signal(signal.SIGINT, cls.handle)
+
+    @classmethod
+    def handle(cls, signum, frame):
+        name = signal.Signals(signum).name
+        if cls.requested:
+            if cls.under_torchrun:
+                return
+            print(f"\nsecond {name}: exiting now without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        cls.requested = True
+        print(f"\n{name} received: will save a checkpoint and stop after this step", file=sys.stderr, flush=True)
+
+
+class RunLog:
+    """Console lines and out_dir/metrics.jsonl (appended, never truncated), plus wandb when asked, from rank 0 only."""
+
+    def __init__(self, out_dir, active, wandb_settings=None):
+        self.active, self.file, self.wandb = active, None, None
+        if not active:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+        if wandb_settings is not None:
+            import wandb
+            self.wandb = wandb
+            wandb.init(**wandb_settings)
+
+    def print(self, text):
+        if self.active:
+            print(text, flush=True)
+
+    def metrics(self, record):
+        if not self.active:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["iter"])
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+# -----------------------------------------------------------------------------
+# the model: built, loaded, wrapped
+
+def data_vocabulary(data_dir):
+    """(vocab_size, character list or None): a character set's meta.json, else GPT-2's padded BPE."""
+    meta_path = char_vocab_path(os.path.basename(os.path.normpath(data_dir)), os.path.dirname(os.path.normpath(data_dir)))
+    if os.path.exists(meta_path):
+        return read_char_vocab(meta_path)
+    return PADDED_GPT2_VOCAB_SIZE, None
+
+
+def check_model_settings(s, vocab_size):
+    try:
+        GPTConfig(**{k: s[k] for k in MODEL_SETTINGS}, vocab_size=vocab_size)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+
+
+def resolve_init_from(init_from, ckpt_path, dist_env):
+    """'auto' becomes 'resume' when rank 0 has a checkpoint, 'scratch' otherwise (rank 0 decides for all)."""
+    if init_from != "auto":
+        return init_from
+    has_checkpoint = os.path.exists(ckpt_path)
+    if dist_env.active:
+        decision = [has_checkpoint]
+        dist.broadcast_object_list(decision, src=0)
+        has_checkpoint = decision[0]
+    return "resume" if has_checkpoint else "scratch"
+
+
+def read_checkpoint_everywhere(ckpt_path, dist_env):
+    """
+    The checkpoint on every process. Rank 0's file is the truth; a process whose node has the same file
+    (one machine, or a shared filesystem) reads its own copy, the others receive rank 0's bytes, so a
+    multi-node run resumes without a shared filesystem. Received bytes load with weights_only=True too.
+    """
+    if not dist_env.active:
+        return load_checkpoint(ckpt_path)
+    def fingerprint():
+        try:
+            st = os.stat(ckpt_path)
+            return (st.st_size, st.st_mtime_ns)
+        except OSError:
+            return None
+    mine = fingerprint()
+    everyone = [None] * dist_env.world_size
+    dist.all_gather_object(everyone, mine)
+    if everyone[0] is None:
+        raise UserError(f"no checkpoint at {ckpt_path} on rank 0; train one first, or point --out_dir at the folder that has ckpt.pt")
+    if all(f == everyone[0] for f in everyone):
+        return load_checkpoint(ckpt_path)
+    payload = [None]
+    if dist_env.master:
+        with open(ckpt_path, "rb") as f:
+            payload = [f.read()]
+    dist.broadcast_object_list(payload, src=0)
+    if dist_env.master:
+        return load_checkpoint(ckpt_path)
+    return load_checkpoint(io.BytesIO(payload[0]), name=f"{ckpt_path} (received from rank 0)")
+
+
+def build_model(s, init_from, vocab_size, dist_env):
+    """(model on the CPU, checkpoint or None, model_args) for a run starting from init_from."""
+    ckpt_path = os.path.join(s["out_dir"], "ckpt.pt")
+    torch.manual_seed(s["seed"])  # the same initial weights on every process (FSDP shards them where they are)
+    if init_from == "resume":
+        checkpoint = read_checkpoint_everywhere(ckpt_path, dist_env)
+        loaded = load_model("resume", s["out_dir"], checkpoint=checkpoint)
+        if loaded.model.config.block_size != s["block_size"]:
+            raise UserError(f"the checkpoint was trained with block_size={loaded.model.config.block_size}; resume with that")
+        return loaded.model, checkpoint
+    if init_from == "scratch":
+        model_args = {k: s[k] for k in MODEL_SETTINGS}
+        return load_model("scratch", model_args=dict(model_args, vocab_size=vocab_size)).model, None
+    if s["rope"]:
+        raise UserError("GPT-2 checkpoints use learned positions; --rope=True needs init_from=scratch")
+    overrides = {k: s[k] for k in GPTConfig.PRETRAINED_OVERRIDES if s[k] is not None}
+    return load_model(init_from, overrides=overrides).model, None
+
+
+def wrap_model(model, dist_env, use_fsdp, fsdp_cpu_offload, device_type, ptdtype_name):
+    """DDP or FSDP2 under torchrun. Returns (wrapped module, autocast dtype): FSDP2 runs bf16 itself."""
+    if not dist_env.active:
+        return model, ptdtype_name
+    if use_fsdp:
         from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy
-        mp_policy = MixedPrecisionPolicy()
+        shard_args = {}
         if ptdtype_name == "bfloat16":  # bf16 compute, fp32 gradient reduction and master weights
-            mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            ctx = autocast_context(dev, "float32")
-        shard_args = dict(mp_policy=mp_policy)
+            shard_args["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            ptdtype_name = "float32"  # the parameters are bf16 already: no autocast on top
         if fsdp_cpu_offload:
             shard_args["offload_policy"] = CPUOffloadPolicy()
         for block in model.transformer.h:
             fully_shard(block, **shard_args)
         fully_shard(model, **shard_args)
-    elif distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    wrapped = model  # the DDP/FSDP module: gradient sync is switched on it, not on a compiled wrapper
-    use_compile = compile if compile is not None else device_type == "cuda"
-    if use_compile:
-        model = torch.compile(model)
+        return model, ptdtype_name
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, device_ids=[dist_env.local_rank] if device_type == "cuda" else None), ptdtype_name
 
-    optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type,
-                                               fused=False if fsdp else None)
-    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype_name == "float16")
-    if checkpoint is not None:
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict, StateDictOptions
-        set_optimizer_state_dict(raw_model, optimizer, checkpoint["optimizer"], options=StateDictOptions(full_state_dict=True))
-        if checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-    checkpoint = None  # free memory
 
-    def write_checkpoint():
-        """Every process takes part (FSDP gathers the full state); only rank 0 writes."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict, StateDictOptions
-        model_sd, optim_sd = get_state_dict(raw_model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        rng = gather_rng(world_size)
-        if master:
-            save_checkpoint(dict(model=model_sd, optimizer=optim_sd, scaler=scaler.state_dict(), model_args=model_args,
-                                 iter_num=iter_num, best_val_loss=best_val_loss, config=config, rng=rng,
-                                 world_size=world_size, chars=chars), ckpt_path)
+def set_gradient_sync(wrapped, dist_env, use_fsdp, enabled):
+    """Gradients are reduced on the last micro-step only (the switch is on the DDP/FSDP module, not a compiled wrapper)."""
+    if not dist_env.active:
+        return
+    if use_fsdp:
+        wrapped.set_requires_gradient_sync(enabled)
+    else:
+        wrapped.require_backward_grad_sync = enabled
 
-    metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master else None
 
-    def log_metrics(record):
-        if master:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            if wandb_log:
-                wandb.log(record, step=record["iter"])
+# -----------------------------------------------------------------------------
+# one optimizer step, evaluation, checkpoints
 
-    if wandb_log and master:
-        import wandb
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+def train_step(model, wrapped, raw_model, optimizer, scaler, batches, step, s, micro_steps, dist_env, ctx, dev):
+    """
+    micro_steps forward/backward passes on this process's slices of the global batch of `step`, then one
+    optimizer step. Returns (mean loss over all micro-steps and processes, grad norm or None, stop requested).
+    """
+    global_rows = s["gradient_accumulation_steps"] * s["batch_size"]
+    offsets = batches.offsets(0, step, global_rows, "train")
+    loss_sum = torch.zeros((), device=dev)
+    for micro in range(micro_steps):
+        set_gradient_sync(wrapped, dist_env, s["fsdp"], micro == micro_steps - 1)
+        micro_batch = dist_env.rank * micro_steps + micro  # its index in the global batch
+        start = micro_batch * s["batch_size"]
+        X, Y = (t.to(dev, non_blocking=True) for t in batches.rows("train", offsets[start:start + s["batch_size"]]))
+        torch.manual_seed(dropout_seed(s["seed"], step, micro_batch))
+        with ctx:
+            _, loss = model(X, Y)
+        loss_sum += loss.detach().float()
+        scaler.scale(loss / micro_steps).backward()
+    # one all-reduce carries the loss sum and the stop flag of every process
+    summary = torch.stack([loss_sum, torch.tensor(float(Stop.requested), device=dev)])
+    if dist_env.active:
+        dist.all_reduce(summary)
+    step_loss = summary[0].item() / s["gradient_accumulation_steps"]
+    stop_requested = summary[1].item() > 0
+    if not math.isfinite(step_loss):
+        raise UserError(f"loss became {step_loss} at step {step}; stopped without saving, so the last good checkpoint "
+                        f"in {s['out_dir']} is kept. Try a lower --learning_rate or check the data")
+    grad_norm = None
+    if s["grad_clip"] != 0.0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), s["grad_clip"])
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = grad_norm.item()
+    scaler.step(optimizer)  # skipped when float16 gradients overflowed; the scaler then lowers its scale
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm, stop_requested
 
-    @torch.no_grad()
-    def estimate_loss():
-        """Mean loss over eval_iters fixed batches per split, shared out over the processes. Every
-        process runs the same number of forwards (FSDP needs all of them in each one)."""
-        out = {}
-        model.eval()
-        for stream, split in ((1, "train"), (2, "val")):
-            total = torch.zeros(2, device=dev)  # loss sum, batch count
-            for j in range(math.ceil(eval_iters / world_size)):
-                i = j * world_size + rank
-                offsets = offsets_for(stream, min(i, eval_iters - 1), batch_size, split)
-                X, Y = (t.to(dev) for t in load_rows(split, offsets, raw_model.config.vocab_size))
-                with ctx:
-                    _, loss = model(X, Y)
-                if i < eval_iters:
-                    total += torch.stack([loss.float(), torch.ones((), device=dev)])
-            if distributed:
-                dist.all_reduce(total)
-            out[split] = (total[0] / total[1]).item()
-        model.train()
-        return out
 
-    if master:
-        n_params = raw_model.get_num_params()
-        mode = "FSDP" if fsdp and distributed else "DDP" if distributed else "single process"
-        print(f"{mode} on {world_size} x {dev}, {ptdtype_name}, compile={use_compile}; model {n_params / 1e6:.2f}M parameters; "
-              f"{gradient_accumulation_steps * batch_size * block_size:,} tokens per step")
-        log_metrics(dict(event="start", iter=iter_num, init_from=init_from, world_size=world_size, device=dev,
-                         dtype=ptdtype_name, params=n_params))
-
-    signal.signal(signal.SIGTERM, Stop.handle)
-    signal.signal(signal.SIGINT, Stop.handle)
-    resumed_at = iter_num if init_from == "resume" and not eval_only else None
-    stop_requested = False
-    first_iter = iter_num
-    t0 = time.time()
-    while True:
-        lr = get_lr(iter_num)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        # evaluate and checkpoint (a resumed run already did this at the step it resumed from)
-        if (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and iter_num != resumed_at:
-            losses = estimate_loss()
-            if master:
-                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            log_metrics(dict(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr))
-            if losses["val"] < best_val_loss or always_save_checkpoint:
-                best_val_loss = min(best_val_loss, losses["val"])
-                if iter_num > 0 and not eval_only:
-                    write_checkpoint()
-                    if master:
-                        print(f"saved checkpoint to {ckpt_path}")
-            t0 = time.time()  # step timings leave evaluation out
-        if eval_only or iter_num >= max_iters:
-            break
-        if stop_requested:
-            write_checkpoint()
-            if master:
-                print(f"stopped at step {iter_num} on a signal; checkpoint saved to {ckpt_path}. "
-                      f"Continue with --init_from=resume", flush=True)
-            break
-
-        # one optimizer step: micro_steps forward/backward passes on this process's slices of the global batch
-        offsets = offsets_for(0, iter_num, gradient_accumulation_steps * batch_size, "train")
-        loss_sum = torch.zeros((), device=dev)
-        for micro in range(micro_steps):
-            last = micro == micro_steps - 1
-            if distributed and fsdp:
-                wrapped.set_requires_gradient_sync(last)
-            elif distributed:
-                wrapped.require_backward_grad_sync = last
-            start = (rank * micro_steps + micro) * batch_size
-            X, Y = (t.to(dev, non_blocking=True) for t in load_rows("train", offsets[start:start + batch_size], raw_model.config.vocab_size))
+@torch.no_grad()
+def estimate_loss(model, batches, eval_iters, batch_size, dist_env, ctx, dev):
+    """Mean loss over eval_iters fixed batches per split, shared out over the processes. Every process
+    runs the same number of forwards (FSDP needs all of them in each one)."""
+    out = {}
+    model.eval()
+    for stream, split in ((1, "train"), (2, "val")):
+        total = torch.zeros(2, device=dev)  # loss sum, batch count
+        for j in range(math.ceil(eval_iters / dist_env.world_size)):
+            i = j * dist_env.world_size + dist_env.rank
+            offsets = batches.offsets(stream, min(i, eval_iters - 1), batch_size, split)
+            X, Y = (t.to(dev) for t in batches.rows(split, offsets))
             with ctx:
                 _, loss = model(X, Y)
-            loss_sum += loss.detach().float()
-            scaler.scale(loss / micro_steps).backward()
-        # the logged loss is the mean over all micro-steps and processes; one all-reduce carries the stop flag too
-        summary = torch.stack([loss_sum, torch.tensor(float(Stop.requested), device=dev)])
-        if distributed:
-            dist.all_reduce(summary)
-        step_loss = summary[0].item() / gradient_accumulation_steps
-        stop_requested = summary[1].item() > 0
-        if not math.isfinite(step_loss):
-            raise UserError(f"loss became {step_loss} at step {iter_num}; stopped without saving, so the last good checkpoint "
-                            f"in {out_dir} is kept. Try a lower --learning_rate or check the data")
-        grad_norm = None
-        if grad_clip != 0.0:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
-            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-                grad_norm = grad_norm.full_tensor()
-            grad_norm = grad_norm.item()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+            if i < eval_iters:
+                total += torch.stack([loss.float(), torch.ones((), device=dev)])
+        if dist_env.active:
+            dist.all_reduce(total)
+        out[split] = (total[0] / total[1]).item()
+    model.train()
+    return out
 
-        t1 = time.time()
-        dt, t0 = t1 - t0, t1
-        if iter_num % log_interval == 0:
-            tokens_per_sec = gradient_accumulation_steps * batch_size * block_size / dt
-            mfu = estimate_mfu(raw_model, block_size, tokens_per_sec / world_size, dev)
-            record = dict(iter=iter_num, loss=step_loss, lr=lr, grad_norm=grad_norm, ms=dt * 1000, tokens_per_sec=tokens_per_sec)
-            if mfu is not None:
-                record["mfu"] = mfu
-            log_metrics(record)
-            if master:
-                mfu_text = f", mfu {mfu * 100:.1f}%" if mfu is not None else ""
-                print(f"iter {iter_num}: loss {step_loss:.4f}, time {dt * 1000:.1f}ms, {tokens_per_sec:,.0f} tok/s{mfu_text}")
-        if iter_num == first_iter:  # optimizer state exists now: report what each process holds
-            held = training_state_bytes(raw_model, optimizer)
-            every = [held]
-            if distributed:
-                every = [None] * world_size
-                dist.all_gather_object(every, held)
-            if master:
-                for r, b in enumerate(every):
-                    print(f"rank {r} holds {sum(b.values()) / 2**20:,.1f} MiB of training state: " +
-                          ", ".join(f"{k} {v / 2**20:,.1f}" for k, v in b.items()))
-                log_metrics(dict(iter=iter_num, state_mib_per_rank=[{k: v / 2**20 for k, v in b.items()} for b in every]))
-        iter_num += 1
 
-    if master:
-        metrics_file.close()
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+def write_checkpoint(path, raw_model, optimizer, scaler, dist_env, **values):
+    """Every process takes part (FSDP gathers the full state); only rank 0 writes."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, StateDictOptions
+    model_sd, optim_sd = get_state_dict(raw_model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist_env.master:
+        save_checkpoint(dict(model=model_sd, optimizer=optim_sd, scaler=scaler.state_dict(), **values), path)
+
+
+def restore_training_state(checkpoint, raw_model, optimizer, scaler):
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict, StateDictOptions
+    set_optimizer_state_dict(raw_model, optimizer, checkpoint["optimizer"], options=StateDictOptions(full_state_dict=True))
+    if checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
 
 
 def training_state_bytes(model, optimizer):
@@ -425,29 +483,170 @@ def training_state_bytes(model, optimizer):
                 optimizer=sum(t.numel() * t.element_size() for t in state))
 
 
-def gather_rng(world_size):
-    """RNG states of every process (torch per rank; python and numpy from this one), as tensors and plain values."""
-    np_state = np.random.get_state()
-    state = dict(python=random.getstate(), numpy=[np_state[0], np_state[1].tolist(), *np_state[2:]],
-                 torch=[torch.get_rng_state()], cuda=[torch.cuda.get_rng_state()] if torch.cuda.is_available() else [])
-    if world_size > 1:
-        every = [None] * world_size
-        dist.all_gather_object(every, (state["torch"][0], state["cuda"]))
-        state["torch"] = [t for t, _ in every]
-        state["cuda"] = [c[0] if c else None for _, c in every]
-    return state
+def report_training_state(raw_model, optimizer, dist_env, log, step):
+    held = training_state_bytes(raw_model, optimizer)
+    every = [held]
+    if dist_env.active:
+        every = [None] * dist_env.world_size
+        dist.all_gather_object(every, held)
+    for r, b in enumerate(every):
+        log.print(f"rank {r} holds {sum(b.values()) / 2**20:,.1f} MiB of training state: " +
+                  ", ".join(f"{k} {v / 2**20:,.1f}" for k, v in b.items()))
+    log.metrics(dict(iter=step, state_mib_per_rank=[{k: v / 2**20 for k, v in b.items()} for b in every]))
 
 
-def restore_rng(state, rank, world_size):
-    if not state:
-        return
-    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
-    np_state = state["numpy"]
-    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
-    if len(state["torch"]) == world_size:  # same world size: every process continues its own stream
-        torch.set_rng_state(state["torch"][rank])
-        if torch.cuda.is_available() and state["cuda"] and state["cuda"][rank] is not None:
-            torch.cuda.set_rng_state(state["cuda"][rank])
+def run_hellaswag(model, examples, encode, dist_env, ctx, dev, log, step):
+    from eval_hellaswag import evaluate_hellaswag
+    result = evaluate_hellaswag(model, examples, dev, ctx, encode, dist_env.rank, dist_env.world_size)
+    log.print(f"step {step}: hellaswag {result['n']} examples, acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f}")
+    log.metrics(dict(iter=step, hellaswag_acc=result["acc"], hellaswag_acc_norm=result["acc_norm"], hellaswag_n=result["n"]))
+
+
+# -----------------------------------------------------------------------------
+
+def main():
+    config = apply_overrides(globals(), sys.argv[1:])
+    s = dict(config)
+    dist_env = distributed_env()
+    validate_settings(s)
+    if s["fsdp"] and not dist_env.active:
+        raise UserError("--fsdp=True needs several processes: launch with torchrun --standalone --nproc_per_node=N train.py --fsdp=True")
+    if s["gradient_accumulation_steps"] % dist_env.world_size != 0:
+        raise UserError(f"gradient_accumulation_steps={s['gradient_accumulation_steps']} (global) does not divide by the "
+                        f"{dist_env.world_size} processes; use a multiple of {dist_env.world_size}")
+    micro_steps = s["gradient_accumulation_steps"] // dist_env.world_size  # per process
+    dev = pick_device(s["device"])
+    if dist_env.active and dev.startswith("cuda"):
+        dev = f"cuda:{dist_env.local_rank}"  # one GPU per process, whatever cuda:N was asked for
+    device_type = dev.split(":")[0]
+    ptdtype_name = pick_dtype(s["dtype"], dev)
+    if s["fsdp"] and ptdtype_name == "float16":
+        raise UserError("FSDP here uses bfloat16 mixed precision; float16 needs a sharded grad scaler: use --dtype=bfloat16")
+    data_dir = os.path.join(s["data_root"], s["dataset"])
+    vocab_size, chars = data_vocabulary(data_dir)
+    ckpt_path = os.path.join(s["out_dir"], "ckpt.pt")
+    if s["init_from"] in ("scratch", "auto"):  # the settings must make a model, whatever auto decides
+        check_model_settings(s, vocab_size)
+    hellaswag_examples = None
+    if s["hellaswag_interval"]:
+        if chars is not None:
+            raise UserError("HellaSwag scores English text with the GPT-2 BPE tokenizer; a character-level model "
+                            "cannot take it: set --hellaswag_interval=0")
+        from eval_hellaswag import load_hellaswag
+        hellaswag_examples = load_hellaswag(s["hellaswag_path"])
+        if s["hellaswag_max_examples"]:
+            hellaswag_examples = hellaswag_examples[:s["hellaswag_max_examples"]]
+
+    log, wrapped = None, None
+    try:
+        init_process_group(dist_env, device_type)
+        if device_type == "cuda":
+            torch.cuda.set_device(dev)
+        init_from = resolve_init_from(s["init_from"], ckpt_path, dist_env)
+        model, checkpoint = build_model(s, init_from, vocab_size, dist_env)
+        batches = BatchStream(data_dir, model.config.block_size, s["seed"], model.config.vocab_size)
+        batches.check()
+        model_args = model.config.to_dict()
+
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        model.set_attention_impl(s["attn_impl"])
+        model.gradient_checkpointing = s["grad_checkpoint"]
+        model.to(dev)
+        raw_model = model
+        wrapped, autocast_dtype = wrap_model(model, dist_env, s["fsdp"], s["fsdp_cpu_offload"], device_type, ptdtype_name)
+        ctx = autocast_context(dev, autocast_dtype)
+        use_compile = s["compile"] if s["compile"] is not None else device_type == "cuda"
+        model = torch.compile(wrapped) if use_compile else wrapped
+        optimizer = raw_model.configure_optimizers(s["weight_decay"], s["learning_rate"], (s["beta1"], s["beta2"]),
+                                                   device_type, fused=False if s["fsdp"] else None)
+        scaler = torch.amp.GradScaler(device_type, enabled=ptdtype_name == "float16")
+        iter_num, best_val_loss = 0, math.inf
+        if checkpoint is not None:
+            restore_training_state(checkpoint, raw_model, optimizer, scaler)
+            iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        checkpoint = None  # free memory
+
+        wandb_settings = dict(project=s["wandb_project"], name=s["wandb_run_name"], config=config) if s["wandb_log"] else None
+        log = RunLog(s["out_dir"], dist_env.master, wandb_settings)
+        mode = ("FSDP" if s["fsdp"] else "DDP") if dist_env.active else "single process"
+        log.print(f"{mode} on {dist_env.world_size} x {dev}, {ptdtype_name}, compile={use_compile}; model "
+                  f"{raw_model.get_num_params() / 1e6:.2f}M parameters; "
+                  f"{s['gradient_accumulation_steps'] * s['batch_size'] * model_args['block_size']:,} tokens per step; "
+                  f"init_from={init_from}" + (f" at step {iter_num}" if init_from == "resume" else ""))
+        log.metrics(dict(event="start", iter=iter_num, init_from=init_from, world_size=dist_env.world_size, device=dev,
+                         dtype=ptdtype_name, params=raw_model.get_num_params()))
+        encode = None
+        if hellaswag_examples is not None:
+            encode = get_tokenizer(None)[0]
+
+        def checkpoint_values():
+            return dict(model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss, config=config,
+                        world_size=dist_env.world_size, chars=chars)
+
+        Stop.install(under_torchrun=dist_env.active)
+        resumed_at = iter_num if init_from == "resume" and not s["eval_only"] else None
+        first_iter = iter_num
+        stop_requested = False
+        t0 = time.time()
+        while True:
+            lr = lr_at(iter_num, s["learning_rate"], s["warmup_iters"], s["lr_decay_iters"], s["min_lr"], s["decay_lr"])
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            # evaluate and checkpoint (a resumed run already did this at the step it resumed from)
+            last_step = iter_num >= s["max_iters"]
+            if (iter_num % s["eval_interval"] == 0 or last_step or s["eval_only"]) and iter_num != resumed_at:
+                losses = estimate_loss(model, batches, s["eval_iters"], s["batch_size"], dist_env, ctx, dev)
+                log.print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                log.metrics(dict(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr))
+                if losses["val"] < best_val_loss or s["always_save_checkpoint"]:
+                    best_val_loss = min(best_val_loss, losses["val"])
+                    if iter_num > 0 and not s["eval_only"]:
+                        write_checkpoint(ckpt_path, raw_model, optimizer, scaler, dist_env, **checkpoint_values())
+                        log.print(f"saved checkpoint to {ckpt_path}")
+                t0 = time.time()  # step timings leave evaluation out
+            if hellaswag_examples is not None and (iter_num % s["hellaswag_interval"] == 0 or last_step or s["eval_only"]) \
+                    and iter_num != resumed_at:
+                run_hellaswag(model, hellaswag_examples, encode, dist_env, ctx, dev, log, iter_num)
+                t0 = time.time()
+            if s["eval_only"] or last_step:
+                break
+            if stop_requested:
+                write_checkpoint(ckpt_path, raw_model, optimizer, scaler, dist_env, **checkpoint_values())
+                log.print(f"stopped at step {iter_num} on a signal; checkpoint saved to {ckpt_path}. "
+                          f"Continue with --init_from=resume (or --init_from=auto)")
+                break
+
+            step_loss, grad_norm, stop_requested = train_step(model, wrapped, raw_model, optimizer, scaler, batches,
+                                                              iter_num, s, micro_steps, dist_env, ctx, dev)
+            t1 = time.time()
+            dt, t0 = t1 - t0, t1
+            if iter_num % s["log_interval"] == 0:
+                tokens_per_sec = s["gradient_accumulation_steps"] * s["batch_size"] * model_args["block_size"] / dt
+                mfu = estimate_mfu(raw_model, model_args["block_size"], tokens_per_sec / dist_env.world_size, dev)
+                record = dict(iter=iter_num, loss=step_loss, lr=lr, grad_norm=grad_norm, ms=dt * 1000, tokens_per_sec=tokens_per_sec)
+                if mfu is not None:
+                    record["mfu"] = mfu
+                if ptdtype_name == "float16":
+                    record["grad_scale"] = scaler.get_scale()
+                log.metrics(record)
+                mfu_text = f", mfu {mfu * 100:.1f}%" if mfu is not None else ""
+                log.print(f"iter {iter_num}: loss {step_loss:.4f}, time {dt * 1000:.1f}ms, {tokens_per_sec:,.0f} tok/s{mfu_text}")
+            if iter_num == first_iter:  # optimizer state exists now: report what each process holds
+                report_training_state(raw_model, optimizer, dist_env, log, iter_num)
+            iter_num += 1
+        if dist_env.active:
+            dist.barrier()
+    finally:
+        # the order matters: the DDP/FSDP module holds the process group, whose destructor joins a gloo worker
+        # thread; freeing the module first, then the group, keeps that out of interpreter shutdown
+        wrapped = model = raw_model = optimizer = None
+        gc.collect()
+        if log is not None:
+            log.close()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
