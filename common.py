@@ -22,15 +22,34 @@ class UserError(Exception):
 
 
 def run_main(main):
-    """Run a script's main(), turning a UserError into one clear line and a non-zero exit. Under torchrun
-    every process meets the same mistake (the checks depend only on settings and rank 0's files), so rank 0
-    alone prints it: one line, not one per GPU."""
+    """Run a script's main(), turning a UserError into one clear line and a non-zero exit."""
     try:
         main()
     except UserError as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr, flush=True)
+        message = f"error: {e}"
+        if first_to_report(message):
+            print(message, file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def first_to_report(message):
+    """
+    Under torchrun every process usually meets the same mistake (a setting, a file): the first process to
+    report a message prints it and the others stay quiet, so 8 GPUs print one line, not 8. torchrun's store,
+    served by its agent, counts the reports; a message only one rank meets is still printed. Run alone,
+    or with no agent store to ask, every message is printed.
+    """
+    if "RANK" not in os.environ or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return True
+    import hashlib
+    from datetime import timedelta
+    try:
+        store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                           is_master=False, timeout=timedelta(seconds=10))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        return store.add(f"user_error/{attempt}/{hashlib.sha256(message.encode()).hexdigest()}", 1) == 1
+    except (RuntimeError, OSError, ValueError, KeyError):  # no store to ask: better twice than never
+        return True
 
 
 # -----------------------------------------------------------------------------
@@ -171,6 +190,35 @@ def is_pretrained_source(init_from):
     return init_from in GPT2_NAMES or os.path.isdir(init_from)
 
 
+def hf_folder_chars(folder):
+    """The character vocabulary of a Hugging Face folder whose tokenizer.json is a character list, as
+    export_hf.py writes for a character-level model: a BPE model with no merges, no normalizer, no
+    pre-tokenizer and no added tokens (so each character is one token), decoded by Fuse (joined as is).
+    None for anything else (GPT-2's BPE). Read as JSON: nothing in the folder runs."""
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            tokenizer = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({type(e).__name__}); restore it or export the model again") from None
+    bpe = tokenizer.get("model") if isinstance(tokenizer, dict) else None
+    if not isinstance(bpe, dict) or not isinstance(tokenizer.get("decoder"), dict):
+        return None
+    vocab = bpe.get("vocab")
+    if (bpe.get("type") != "BPE" or bpe.get("merges") or not isinstance(vocab, dict) or not vocab
+            or tokenizer.get("normalizer") or tokenizer.get("pre_tokenizer") or tokenizer.get("added_tokens")
+            or tokenizer["decoder"].get("type") != "Fuse"):
+        return None
+    if not all(isinstance(i, int) for i in vocab.values()):
+        return None
+    chars = sorted(vocab, key=vocab.get)
+    if any(len(ch) != 1 for ch in chars) or [vocab[ch] for ch in chars] != list(range(len(chars))):
+        return None
+    return chars
+
+
 def load_model(init_from, out_dir="out", model_args=None, overrides=None, checkpoint=None):
     """
     Every script gets its model here (on the CPU, in fp32; move it where it runs).
@@ -200,9 +248,17 @@ def load_model(init_from, out_dir="out", model_args=None, overrides=None, checkp
             raise UserError(str(e)) from None
     if is_pretrained_source(init_from):
         try:
-            return LoadedModel(GPT.from_pretrained(init_from, overrides))
+            model = GPT.from_pretrained(init_from, overrides)
         except (OSError, ConfigError) as e:
             raise UserError(str(e)) from None
+        chars = hf_folder_chars(init_from) if os.path.isdir(init_from) else None
+        if chars is None and model.config.vocab_size < GPT2_VOCAB_SIZE:
+            raise UserError(f"{init_from} has a {model.config.vocab_size}-token vocabulary but its tokenizer.json is "
+                            f"not a character list, so its tokens cannot be decoded")
+        if chars is not None and len(chars) != model.config.vocab_size:
+            raise UserError(f"{init_from}: its tokenizer has {len(chars)} characters but the model "
+                            f"{model.config.vocab_size} token rows")
+        return LoadedModel(model, None, chars)
     raise UserError(f"unknown init_from {init_from!r}; use resume, scratch, {', '.join(GPT2_NAMES)} "
                     f"or a local folder in the Hugging Face format")
 
@@ -258,10 +314,15 @@ def get_tokenizer(chars=None):
                 raise UserError(f"characters {''.join(unknown)!r} are not in the model's vocabulary of {len(chars)} characters")
             return [stoi[ch] for ch in text]
         return encode, lambda ids: "".join(chars[i] for i in ids), []
+    enc = gpt2_encoding()
+    return (lambda text: enc.encode(text, allowed_special={"<|endoftext|>"})), enc.decode, [enc.eot_token]
+
+
+def gpt2_encoding():
+    """tiktoken's GPT-2 BPE (also the source of the tokenizer files export_hf.py writes)."""
     import tiktoken
     try:
-        enc = tiktoken.get_encoding("gpt2")
+        return tiktoken.get_encoding("gpt2")
     except Exception as e:  # the BPE files are downloaded on first use; offline that fails
         raise UserError(f"could not load the GPT-2 tokenizer ({type(e).__name__}): tiktoken downloads it once; "
                         f"connect to the network once, or point TIKTOKEN_CACHE_DIR at a cache that has it") from None
-    return (lambda text: enc.encode(text, allowed_special={"<|endoftext|>"})), enc.decode, [enc.eot_token]

@@ -3,10 +3,11 @@ Command-line configuration, nanoGPT style. A script keeps its settings as module
 
     config = apply_overrides(globals(), sys.argv[1:])
 
-Each argument is either a config file (a Python file of assignments, run in the script's namespace,
-e.g. config/train_shakespeare_char.py) or --key=value. Values are parsed with ast.literal_eval,
-falling back to a plain string; a bare --flag sets a boolean to True. A value must have the type of
-the default (an int is accepted for a float, and anything for a default of None).
+Each argument is either a config file (a Python file of assignments, run in the script's namespace
+with __file__ set to the config's path, e.g. config/train_shakespeare_char.py) or --key=value. Values
+are parsed with ast.literal_eval, falling back to a plain string; a bare --flag sets a boolean to True.
+A value must have the type of the default (an int is accepted for a float, and anything for a default
+of None).
 """
 
 import ast
@@ -44,8 +45,9 @@ def apply_overrides(namespace, args, nullable=()):
     """Apply config files and --key=value overrides to namespace (a script's globals()). Returns
     the dict of the configurable keys (the upper-level names that were there before) and their values.
     nullable: keys that may be set to None although their default is not (None switches them off)."""
+    # settings are the lower-case module-level values; UPPER_CASE names are the script's constants
     keys = [k for k, v in namespace.items()
-            if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, type(None)))]
+            if not k.startswith("_") and not k.isupper() and isinstance(v, (int, float, bool, str, tuple, list, type(None)))]
     for arg in args:
         if not arg.startswith("--"):
             if not os.path.isfile(arg):
@@ -54,10 +56,19 @@ def apply_overrides(namespace, args, nullable=()):
                 source = f.read()
             before = {k: namespace[k] for k in keys}
             existing = set(namespace)
+            # the config sees its own path as __file__, so that it finds the configs next to it from any
+            # working directory; the script's own __file__ comes back afterwards
+            had_file, script_file = "__file__" in namespace, namespace.get("__file__")
+            namespace["__file__"] = os.path.abspath(arg)
             try:
                 exec(compile(source, arg, "exec"), namespace)
             except Exception as e:
                 raise UserError(f"config file {arg} failed to run: {type(e).__name__}: {e}") from None
+            finally:
+                if had_file:
+                    namespace["__file__"] = script_file
+                else:
+                    namespace.pop("__file__", None)
             for k in list(namespace):
                 if k not in existing and not k.startswith("_") and not callable(namespace[k]) and not isinstance(namespace[k], types.ModuleType):
                     raise UserError(f"config file {arg} sets unknown key {k!r}{_closest(k, keys)}")

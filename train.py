@@ -214,8 +214,17 @@ def distributed_env():
 
 
 def init_process_group(dist_env, device_type):
-    if dist_env.active:
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    """
+    Join the group through torchrun's store, under a prefix of this restart attempt. The store is served
+    by the torchrun agent and outlives a restart of the worker group (--max-restarts), keys included: without
+    the prefix a restarted process can read the address a process of the previous attempt published, and the
+    group's connection mesh is refused.
+    """
+    if not dist_env.active:
+        return
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size)
 
 
 class Stop:

@@ -1,26 +1,27 @@
 """
-DDP and FSDP on CPU (gloo, 2 processes under torchrun, tiny model, fp32), each compared with a single
-process training on the same global batches: losses and final weights within 1e-5.
+DDP and FSDP on CPU (gloo, 2 processes under torchrun, tiny model, fp32, dropout on), each compared with a
+single process training on the same global batches: losses, gradient norms and final weights within 1e-5.
 """
 
 import os
 import sys
-import json
 import subprocess
 
 import pytest
 import torch
 
-from conftest import REPO, run_script, script_env
+from conftest import REPO, read_metrics, run_script, script_env
 
 pytestmark = pytest.mark.slow  # every test launches torchrun (~10 s of start-up per launch on 2 cores)
 
 # bias=False: the key bias gets a gradient that is zero in exact arithmetic (softmax ignores a shift shared
 # by all keys of a query), so its value is pure roundoff, which AdamW's normalisation then amplifies; one
 # process and two ranks add gradients in different orders, so that noise differs by ~1e-5 after 10 steps.
-TINY = ["config/train_shakespeare_char_cpu.py", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
-        "--batch_size=2", "--eval_iters=3", "--log_interval=1", "--warmup_iters=2", "--compile=False",
-        "--bias=False", "--learning_rate=1e-3"]
+# dropout on: each micro-batch's masks come from (seed, step, micro-batch), so the process that runs it does not matter
+TINY = ["--dataset=shakespeare_char", "--device=cpu", "--dtype=float32", "--n_layer=2", "--n_head=2", "--n_embd=32",
+        "--block_size=32", "--batch_size=2", "--eval_iters=3", "--log_interval=1", "--warmup_iters=2", "--compile=False",
+        "--bias=False", "--learning_rate=1e-3", "--lr_decay_iters=10", "--min_lr=1e-4", "--beta2=0.99", "--dropout=0.1",
+        "--always_save_checkpoint=False"]
 STEPS = 10
 
 
@@ -37,8 +38,7 @@ def train(data_root, out_dir, nproc=1, *extra):
 
 
 def records(out_dir, key):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return {r["iter"]: r[key] for r in map(json.loads, f) if key in r}
+    return {r["iter"]: r[key] for r in read_metrics(out_dir) if key in r}
 
 
 def final_weights(out_dir):
@@ -50,10 +50,11 @@ def assert_close_runs(a, b, tol=1e-5):
     assert la.keys() == lb.keys() and len(la) == STEPS
     for step in la:
         assert abs(la[step] - lb[step]) <= tol, (step, la[step], lb[step])
-    va, vb = records(a, "val_loss"), records(b, "val_loss")
-    assert va.keys() == vb.keys()
-    for step in va:
-        assert abs(va[step] - vb[step]) <= tol
+    for key in ("val_loss", "grad_norm"):
+        va, vb = records(a, key), records(b, key)
+        assert va.keys() == vb.keys() and va
+        for step in va:
+            assert abs(va[step] - vb[step]) <= tol, (key, step, va[step], vb[step])
     wa, wb = final_weights(a), final_weights(b)
     assert wa.keys() == wb.keys()
     for name in wa:
@@ -78,12 +79,28 @@ def test_two_ranks_match_one_process(data_root, single, tmp_path, mode):
                    *(["--fsdp=True"] if mode == "fsdp" else []))
     assert ("FSDP on 2" if mode == "fsdp" else "DDP on 2") in result.stdout
     assert_close_runs(single, out)
+    # what each rank holds: a full replica under DDP, half of everything under FSDP
+    state = next(r["state_mib_per_rank"] for r in read_metrics(out) if "state_mib_per_rank" in r)
+    whole = next(r["state_mib_per_rank"] for r in read_metrics(single) if "state_mib_per_rank" in r)[0]
+    assert len(state) == 2
+    for rank in state:
+        for part in ("params", "grads", "optimizer"):
+            expected = whole[part] / 2 if mode == "fsdp" else whole[part]
+            assert abs(rank[part] - expected) <= 0.02 * whole[part], (part, rank[part], whole[part])
 
 
-def test_fsdp_with_grad_checkpointing_matches_too(data_root, single, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_grad_checkpointing_recomputes_and_matches(data_root, single, tmp_path, mode):
+    """Each block runs forward twice per micro-step (once more in backward), and the run is the same run."""
     out = str(tmp_path)
-    train(data_root, out, 2, f"--max_iters={STEPS}", "--eval_interval=5", "--gradient_accumulation_steps=4",
-          "--fsdp=True", "--grad_checkpoint=True")
+    args = ["tests/count_block_forwards.py", *TINY, f"--data_root={data_root}", f"--out_dir={out}",
+            f"--max_iters={STEPS}", "--eval_interval=5", "--gradient_accumulation_steps=4", "--grad_checkpoint=True",
+            *(["--fsdp=True"] if mode == "fsdp" else [])]
+    result = torchrun(2, *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    per_rank = STEPS * 2 * 2  # steps x micro-steps per rank x layers
+    for rank in (0, 1):
+        assert f"rank {rank}: block forwards while training {2 * per_rank}" in result.stdout, result.stdout
     assert_close_runs(single, out)
 
 
@@ -100,11 +117,21 @@ def test_fsdp_checkpoint_samples_and_resumes_on_one_process(data_root, single, t
     assert_close_runs(single, out)
 
 
-def test_single_process_checkpoint_resumes_under_ddp(data_root, single, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_single_process_checkpoint_resumes_on_two_ranks(data_root, single, tmp_path, mode):
     out = str(tmp_path)
     train(data_root, out, 1, "--max_iters=5", "--eval_interval=5", "--gradient_accumulation_steps=4")
-    train(data_root, out, 2, f"--max_iters={STEPS}", "--eval_interval=5", "--gradient_accumulation_steps=4", "--init_from=resume")
+    train(data_root, out, 2, f"--max_iters={STEPS}", "--eval_interval=5", "--gradient_accumulation_steps=4",
+          "--init_from=resume", *(["--fsdp=True"] if mode == "fsdp" else []))
     assert_close_runs(single, out)
+
+
+def test_the_same_user_error_on_every_rank_is_printed_once(data_root, tmp_path):
+    result = torchrun(2, "train.py", *TINY, f"--data_root={data_root}", f"--out_dir={tmp_path / 'out'}",
+                      "--learning_rate=-1", timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("error: --learning_rate=-1.0 is out of range") == 1, result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_failing_rank_ends_the_job_with_its_error(data_root, tmp_path):
