@@ -9,7 +9,9 @@ import sys
 import json
 import pickle
 import zipfile
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import BinaryIO
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +23,7 @@ class UserError(Exception):
     """A mistake the user can fix: reported as one line on stderr, no traceback, exit code 1."""
 
 
-def run_main(main):
+def run_main(main: Callable[[], None]) -> None:
     """Run a script's main(), turning a UserError into one clear line and a non-zero exit."""
     try:
         main()
@@ -32,7 +34,7 @@ def run_main(main):
         sys.exit(1)
 
 
-def first_to_report(message):
+def first_to_report(message: str) -> bool:
     """
     Under torchrun every process usually meets the same mistake (a setting, a file): the first process to
     report a message prints it and the others stay quiet, so 8 GPUs print one line, not 8. torchrun's store,
@@ -55,7 +57,7 @@ def first_to_report(message):
 # -----------------------------------------------------------------------------
 # device and dtype
 
-def pick_device(device="auto"):
+def pick_device(device: str = "auto") -> str:
     """'auto' picks cuda, then mps, then cpu; anything else is checked to exist."""
     if device == "auto":
         if torch.cuda.is_available():
@@ -73,7 +75,7 @@ def pick_device(device="auto"):
     return device
 
 
-def pick_dtype(dtype, device):
+def pick_dtype(dtype: str, device: str) -> str:
     """'auto': bfloat16 where the GPU supports it, float16 (with a GradScaler) on older GPUs, float32 on CPU and MPS."""
     kind = device.split(":")[0]
     if dtype == "auto":
@@ -87,14 +89,14 @@ def pick_dtype(dtype, device):
     return dtype
 
 
-def cuda_has_native_bf16(device="cuda"):
+def cuda_has_native_bf16(device: str = "cuda") -> bool:
     """bfloat16 tensor cores arrived with Ampere (compute capability 8.0). torch.cuda.is_bf16_supported()
     also answers True on a T4 or V100 (7.x), where bf16 is emulated and far slower than float16."""
     major, _ = torch.cuda.get_device_capability(device)
     return major >= 8
 
 
-def autocast_context(device, dtype):
+def autocast_context(device: str, dtype: str) -> AbstractContextManager:
     """Mixed precision for the forward pass; float32 needs none."""
     if dtype == "float32":
         return nullcontext()
@@ -114,7 +116,7 @@ PEAK_BF16_FLOPS = [
 ]
 
 
-def device_peak_flops(device=None):
+def device_peak_flops(device: str | torch.device | None = None) -> float | None:
     """bf16 dense peak of a CUDA device (fp16 for pre-bf16 cards), or None for CPUs, MPS and unknown GPUs."""
     if device is None:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -128,7 +130,7 @@ def device_peak_flops(device=None):
     return None
 
 
-def estimate_mfu(model, seq_len, tokens_per_second, device=None):
+def estimate_mfu(model: GPT, seq_len: int, tokens_per_second: float, device: str | None = None) -> float | None:
     """Model FLOPs utilisation of `model` against the bf16 dense peak of the device in use; None when unknown."""
     peak = device_peak_flops(device)
     if peak is None:
@@ -139,7 +141,7 @@ def estimate_mfu(model, seq_len, tokens_per_second, device=None):
 # -----------------------------------------------------------------------------
 # checkpoints: a dict of tensors and plain values, readable with weights_only=True
 
-def save_checkpoint(checkpoint, path):
+def save_checkpoint(checkpoint: dict, path: str) -> None:
     """Write to a temporary file in the same folder, flush it to disk, then rename it over `path`:
     a crash at any moment leaves either the old checkpoint or the new one, never a torn file."""
     tmp_path = f"{path}.tmp"
@@ -155,7 +157,7 @@ def save_checkpoint(checkpoint, path):
         os.close(dir_fd)
 
 
-def load_checkpoint(source, map_location="cpu", name=None):
+def load_checkpoint(source: str | BinaryIO, map_location: str = "cpu", name: str | None = None) -> dict:
     """Load a checkpoint (a path, or a file-like object named `name` in messages) without running any code
     from it (weights_only=True); clear errors for the rest."""
     name = name or source
@@ -185,7 +187,7 @@ class LoadedModel:
     chars: list | None = None  # the character vocabulary of a character-level model; None means GPT-2 BPE
 
 
-def is_pretrained_source(init_from):
+def is_pretrained_source(init_from: str) -> bool:
     """A GPT-2 name ('gpt2', ...) or a local folder in the Hugging Face format."""
     return init_from in GPT2_NAMES or os.path.isdir(init_from)
 
@@ -219,7 +221,8 @@ def hf_folder_chars(folder):
     return chars
 
 
-def load_model(init_from, out_dir="out", model_args=None, overrides=None, checkpoint=None):
+def load_model(init_from: str, out_dir: str = "out", model_args: dict | None = None, overrides: dict | None = None,
+               checkpoint: dict | None = None) -> LoadedModel:
     """
     Every script gets its model here (on the CPU, in fp32; move it where it runs).
       'scratch'                      GPT(GPTConfig(**model_args)), freshly initialised
@@ -266,7 +269,7 @@ def load_model(init_from, out_dir="out", model_args=None, overrides=None, checkp
 # -----------------------------------------------------------------------------
 # tokenizers
 
-def char_vocab_path(dataset, data_root="data"):
+def char_vocab_path(dataset: str, data_root: str = "data") -> str:
     return os.path.join(data_root, dataset, "meta.json")
 
 

@@ -14,6 +14,7 @@ import ast
 import os
 import difflib
 import types
+from collections.abc import Collection
 
 from common import UserError
 
@@ -41,7 +42,7 @@ def _check_type(key, value, default, nullable):
     return value
 
 
-def apply_overrides(namespace, args, nullable=()):
+def apply_overrides(namespace: dict, args: list[str], nullable: Collection[str] = ()) -> dict:
     """Apply config files and --key=value overrides to namespace (a script's globals()). Returns
     the dict of the configurable keys (the upper-level names that were there before) and their values.
     nullable: keys that may be set to None although their default is not (None switches them off)."""

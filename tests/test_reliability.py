@@ -16,25 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_script, script_env
-
-TINY = ["config/train_shakespeare_char_cpu.py", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
-        "--batch_size=4", "--eval_iters=2", "--log_interval=1", "--warmup_iters=5", "--compile=False"]
+from conftest import REPO, TINY_TRAIN_ARGS, assert_user_error, read_metrics, run_script, script_env
 
 
 def train_args(data_root, out_dir, *extra):
-    return ["train.py", *TINY, f"--data_root={data_root}", f"--out_dir={out_dir}", *extra]
+    return [*TINY_TRAIN_ARGS, "--always_save_checkpoint=True", f"--data_root={data_root}", f"--out_dir={out_dir}", *extra]
 
 
 def losses(out_dir):
     """Training loss per step; a step re-run after a crash counts once, with its last value."""
-    per_step = {}
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            if "loss" in record:
-                per_step[record["iter"]] = record["loss"]
-    return per_step
+    return {r["iter"]: r["loss"] for r in read_metrics(out_dir) if "loss" in r}
 
 
 def weights(out_dir):
@@ -56,16 +47,6 @@ def snapshot(folder):
             with open(path, "rb") as f:
                 out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
     return out
-
-
-def assert_user_error(result, *needles):
-    assert result.returncode != 0, result.stdout
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

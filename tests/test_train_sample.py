@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import run_script, script_env
+from conftest import assert_user_error, read_metrics, run_script, script_env
 
 SEPARATOR = "---------------"
 # a small character model that still learns quickly on 2 CPU cores
@@ -24,24 +24,8 @@ def sample(*args, check=True, env=None, timeout=300):
     return run_script("sample.py", "--device=cpu", *args, check=check, env=env, timeout=timeout)
 
 
-def read_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def step_losses(records):
     return [(r["iter"], r["loss"]) for r in records if "loss" in r]
-
-
-def assert_user_error(result, *needles):
-    """One line on stderr naming what is wrong, a non-zero exit, no traceback."""
-    assert result.returncode != 0, result.stdout
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def split_samples(stdout, prompt, n_new, num_samples):
