@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from model import GPTConfig, ConfigError, GPT2_NAMES, PADDED_GPT2_VOCAB_SIZE
 from configurator import apply_overrides
+from eval_hellaswag import load_hellaswag, evaluate_hellaswag, example_rows
 from common import (UserError, run_main, pick_device, pick_dtype, autocast_context, save_checkpoint, load_checkpoint,
                     load_model, read_char_vocab, char_vocab_path, estimate_mfu, get_tokenizer)
 
@@ -505,7 +506,6 @@ def report_training_state(raw_model, optimizer, dist_env, log, step):
 
 
 def run_hellaswag(model, examples, encode, dist_env, ctx, dev, log, step):
-    from eval_hellaswag import evaluate_hellaswag
     result = evaluate_hellaswag(model, examples, dev, ctx, encode, dist_env.rank, dist_env.world_size)
     log.print(f"step {step}: hellaswag {result['n']} examples, acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f}")
     log.metrics(dict(iter=step, hellaswag_acc=result["acc"], hellaswag_acc_norm=result["acc_norm"], hellaswag_n=result["n"]))
@@ -541,7 +541,6 @@ def main():
         if chars is not None:
             raise UserError("HellaSwag scores English text with the GPT-2 BPE tokenizer; a character-level model "
                             "cannot take it: set --hellaswag_interval=0")
-        from eval_hellaswag import load_hellaswag
         hellaswag_examples = load_hellaswag(s["hellaswag_path"])
         if s["hellaswag_max_examples"]:
             hellaswag_examples = hellaswag_examples[:s["hellaswag_max_examples"]]
@@ -556,6 +555,11 @@ def main():
         batches = BatchStream(data_dir, model.config.block_size, s["seed"], model.config.vocab_size)
         batches.check()
         model_args = model.config.to_dict()
+        encode = None
+        if hellaswag_examples is not None:
+            encode = get_tokenizer(None)[0]
+            for i, example in enumerate(hellaswag_examples):  # an ending the model cannot hold: say so before training
+                example_rows(example, encode, model_args["block_size"], i)
 
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -585,9 +589,6 @@ def main():
                   f"init_from={init_from}" + (f" at step {iter_num}" if init_from == "resume" else ""))
         log.metrics(dict(event="start", iter=iter_num, init_from=init_from, world_size=dist_env.world_size, device=dev,
                          dtype=ptdtype_name, params=raw_model.get_num_params()))
-        encode = None
-        if hellaswag_examples is not None:
-            encode = get_tokenizer(None)[0]
 
         def checkpoint_values():
             return dict(model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss, config=config,
@@ -617,7 +618,8 @@ def main():
                 t0 = time.time()  # step timings leave evaluation out
             if hellaswag_examples is not None and (iter_num % s["hellaswag_interval"] == 0 or last_step or s["eval_only"]) \
                     and iter_num != resumed_at:
-                run_hellaswag(model, hellaswag_examples, encode, dist_env, ctx, dev, log, iter_num)
+                # the uncompiled module: every example has its own length, which would recompile a compiled one
+                run_hellaswag(raw_model, hellaswag_examples, encode, dist_env, ctx, dev, log, iter_num)
                 t0 = time.time()
             if s["eval_only"] or last_step:
                 break

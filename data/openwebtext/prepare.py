@@ -3,48 +3,35 @@ OpenWebText in GPT-2 BPE tokens: writes train.bin (~9B tokens, ~17GB) and val.bi
 Needs `pip install datasets` and ~60GB of disk for the download cache.
 
 Recent `datasets` releases no longer run dataset loading scripts, which broke nanoGPT's version of
-this file; this one loads a parquet-backed copy of the same corpus.
+this file; this one loads a parquet-backed copy of the same corpus. The tokens are written by
+FineWeb-Edu's tokenize_and_write (data/fineweb_edu/prepare.py): a chunk at a time, so memory stays
+small, and an interrupted run continues where it stopped when started again.
 """
 
 import os
 import sys
+import math
 
-import numpy as np
-import tiktoken
-from tqdm import tqdm
+# data/ on the path: its folders import as packages, and FineWeb-Edu's prepare.py holds the writer
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fineweb_edu.prepare import tokenize_and_write as write_bins, NUM_PROC
 
 PARQUET_DATASET = "Skylion007/openwebtext"  # the parquet conversion lives under refs/convert/parquet
-num_proc = max(1, (os.cpu_count() or 2) // 2)
+num_proc = NUM_PROC
+VAL_FRACTION, SPLIT_SEED = 0.0005, 2357
 
 
-def tokenize(example, enc=None):
-    enc = enc or tiktoken.get_encoding("gpt2")
-    ids = enc.encode_ordinary(example["text"])
-    ids.append(enc.eot_token)  # <|endoftext|> (50256) separates documents
-    return {"ids": ids, "len": len(ids)}
-
-
-def tokenize_and_write(split_dataset, folder, num_proc=num_proc, n_shards=1024):
+def tokenize_and_write(split_dataset, folder, num_proc=num_proc, n_shards=1024, settings=None):
     """
-    split_dataset: a datasets.DatasetDict of text splits. Tokenises with num_proc processes and writes
-    each split to folder/<split>.bin through a memmap, shard by shard, so memory stays small.
-    Returns {split: number of tokens}.
+    split_dataset: a datasets.DatasetDict of text splits. Each split goes to folder/<split>.bin in
+    n_shards chunks, tokenised with num_proc processes; a run started again after an interruption
+    continues from the last chunk written. Returns {split: number of tokens}.
     """
-    tokenized = split_dataset.map(tokenize, remove_columns=["text"], desc="tokenizing", num_proc=num_proc)
     counts = {}
-    for split, dset in tokenized.items():
-        total = int(np.sum(dset["len"], dtype=np.uint64))
-        path = os.path.join(folder, f"{split}.bin")
-        out = np.memmap(path, dtype=np.uint16, mode="w+", shape=(total,))
-        shards = max(1, min(n_shards, len(dset)))
-        index = 0
-        for shard in tqdm(range(shards), desc=f"writing {path}"):
-            batch = dset.shard(num_shards=shards, index=shard, contiguous=True).with_format("numpy")
-            ids = np.concatenate(batch["ids"]) if len(batch) else np.zeros(0, dtype=np.uint16)
-            out[index:index + len(ids)] = ids
-            index += len(ids)
-        out.flush()
-        counts[split] = total
+    for split, dset in split_dataset.items():
+        counts.update(write_bins(dset, folder, split_of=lambda index, split=split: split, splits=(split,),
+                                 num_proc=num_proc, docs_per_chunk=max(1, math.ceil(len(dset) / n_shards)),
+                                 settings=settings))
     return counts
 
 
@@ -53,10 +40,15 @@ def main(folder=os.path.dirname(os.path.abspath(__file__))):
         from datasets import load_dataset
     except ImportError:
         sys.exit("error: this script needs the datasets package: pip install datasets")
-    dataset = load_dataset(PARQUET_DATASET, revision="refs/convert/parquet", num_proc=num_proc)
-    split_dataset = dataset["train"].train_test_split(test_size=0.0005, seed=2357, shuffle=True)
+    try:
+        dataset = load_dataset(PARQUET_DATASET, revision="refs/convert/parquet", num_proc=num_proc)
+    except OSError as e:  # no network (ConnectionError), the hub unreachable, a full disk
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        sys.exit(f"error: could not load {PARQUET_DATASET}: {reason[:300]}")
+    split_dataset = dataset["train"].train_test_split(test_size=VAL_FRACTION, seed=SPLIT_SEED, shuffle=True)
     split_dataset["val"] = split_dataset.pop("test")
-    counts = tokenize_and_write(split_dataset, folder)
+    settings = dict(dataset=PARQUET_DATASET, val_fraction=VAL_FRACTION, split_seed=SPLIT_SEED)
+    counts = tokenize_and_write(split_dataset, folder, settings=settings)
     print({split: f"{n:,} tokens" for split, n in counts.items()})
 
 

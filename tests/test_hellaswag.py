@@ -1,0 +1,413 @@
+"""
+HellaSwag: eval_hellaswag.py against a reference written here with transformers' GPT-2 (a random tiny
+model saved locally, scored ending by ending, no batching), the same result on 1 and 2 processes,
+malformed files as one-line errors, and data/hellaswag/prepare.py up to the network.
+"""
+
+import os
+import sys
+import json
+import math
+import subprocess
+import importlib.util
+
+import pytest
+import torch
+
+from conftest import REPO, run_script, script_env, assert_user_error, tiny_model
+from common import UserError, save_checkpoint, get_tokenizer
+from model import GPT
+
+transformers = pytest.importorskip("transformers")
+tiktoken = pytest.importorskip("tiktoken")
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+import eval_hellaswag  # noqa: E402
+
+N_POSITIONS = 32  # small, so that the long context below is cut to fit
+
+# the original release's format: every field, as in hellaswag_val.jsonl
+EXAMPLES = [
+    {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+     "ctx": "A man is sitting on a roof. he", "split": "val", "split_type": "indomain", "label": 3,
+     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.", "is holding a rubik's cube.",
+                 "starts pulling up roofing on a roof."], "source_id": "activitynet~v_-JhWjGDPHMY"},
+    {"ind": 92, "activity_label": "Clean and jerk", "ctx_a": "A lady walks to a barbell. She bends down and grabs the pole.",
+     "ctx_b": "the lady", "ctx": "A lady walks to a barbell. She bends down and grabs the pole. the lady",
+     "split": "val", "split_type": "zeroshot", "label": 3,
+     "endings": ["swings and lands in her arms.", "pulls the barbell forward.", "pulls a rope attached to the barbell.",
+                 "stands and lifts the weight over her head."], "source_id": "activitynet~v_-lJS58hyo1c"},
+    {"ind": 106, "activity_label": "Canoeing",
+     "ctx_a": "Two women in a child are shown in a canoe while a man pulls the canoe while standing in the water, "
+              "with other individuals visible in the background.",
+     "ctx_b": "the child and a different man",
+     "ctx": "Two women in a child are shown in a canoe while a man pulls the canoe while standing in the water, with "
+            "other individuals visible in the background. the child and a different man",
+     "split": "val", "split_type": "indomain", "label": 2,
+     "endings": ["are then shown paddling down a river in a boat while a woman talks.",
+                 "are driving the canoe, they go down the river flowing side to side.",
+                 "sit in a canoe while the man paddles.",
+                 "walking go down the rapids, while the man in his helicopter almost falls and goes out of canoehood."],
+     "source_id": "activitynet~v_-xQvJmC2jhk"},
+    {"ind": 114, "activity_label": "Making a cake", "ctx_a": "Preheat the oven to 180 °C.", "ctx_b": "",
+     "ctx": "Preheat the oven to 180 °C.", "split": "val", "split_type": "zeroshot", "label": 0,
+     "endings": ["Mix the flour, sugar and butter in a bowl – gently.", "Put the cake in the freezer for a week.",
+                 "Pour the café crème on the naïve dog.", "Paint the oven blue."], "source_id": "wikihow~1"},
+    {"ind": 200, "activity_label": "Long context", "ctx_a": "", "ctx_b": "",
+     "ctx": "This context is much longer than the tiny model's thirty-two positions, so the evaluation has to keep only "
+            "its last tokens: the ending must always be kept whole, and the context is cut from the start. Then",
+     "split": "val", "split_type": "indomain", "label": 1,
+     "endings": ["it ends.", "the story goes on for a while and then it finally ends here.", "no.",
+                 "everything is fine and the reader can stop reading now, thank you."], "source_id": "test~long"},
+    {"ind": 300, "activity_label": "Short", "ctx_a": "The cat", "ctx_b": "", "ctx": "The cat", "split": "val",
+     "split_type": "indomain", "label": 2, "endings": ["sat.", "ran.", "sat on the mat.", "slept."], "source_id": "test~short"},
+    {"ind": 301, "activity_label": "Seven", "ctx_a": "Finally,", "ctx_b": "", "ctx": "Finally,", "split": "val",
+     "split_type": "zeroshot", "label": 1, "endings": ["yes", "no", "maybe", "the end of the examples"], "source_id": "test~7"},
+]
+
+
+def write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random GPT-2 in the Hugging Face format (folder) and a train.py checkpoint of the same weights."""
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50257, n_positions=N_POSITIONS, n_embd=32, n_layer=2, n_head=4,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")
+    hf = GPT2LMHeadModel(config).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # random everywhere (HF's init leaves biases 0 and gains 1, which would hide a mix-up)
+        for name, p in hf.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1.0 + 0.1 * noise if ".ln_" in name and name.endswith("weight") else (0.1 if p.dim() >= 2 else 0.05) * noise)
+    root = tmp_path_factory.mktemp("hellaswag")
+    folder = root / "tiny_gpt2"
+    hf.save_pretrained(folder)
+    out_dir = root / "out"
+    out_dir.mkdir()
+    model = GPT.from_pretrained(str(folder))
+    save_checkpoint(dict(model=model.state_dict(), model_args=model.config.to_dict(), iter_num=1234), str(out_dir / "ckpt.pt"))
+    data = write_jsonl(root / "hellaswag_val.jsonl", EXAMPLES)
+    return dict(hf=hf, folder=str(folder), out_dir=str(out_dir), data=data, root=root)
+
+
+def reference(hf, examples):
+    """Scores written independently of eval_hellaswag.py: transformers' GPT-2, one ending at a time,
+    log-probabilities of the ending's tokens in float64; the model sees at most n_positions tokens, the
+    context losing its first ones."""
+    enc = tiktoken.get_encoding("gpt2")
+    results = []
+    for example in examples:
+        ctx = enc.encode(example["ctx"])
+        sums, counts = [], []
+        for ending in example["endings"]:
+            end = enc.encode(" " + ending)
+            seq = (ctx + end)[-(N_POSITIONS + 1):]
+            with torch.no_grad():
+                logp = torch.log_softmax(hf(torch.tensor([seq[:-1]])).logits[0].double(), dim=-1)
+            first = len(seq) - len(end)  # where the ending starts in seq; position p is predicted at p - 1
+            sums.append(-sum(logp[first + k - 1, end[k]].item() for k in range(len(end))))
+            counts.append(len(end))
+        pred = min(range(4), key=lambda j: sums[j])
+        pred_norm = min(range(4), key=lambda j: sums[j] / counts[j])
+        results.append(dict(sum_loss=sums, n_tokens=counts, pred=pred, pred_norm=pred_norm, label=example["label"]))
+    return results
+
+
+def accuracy(results, key):
+    return sum(r[key] == r["label"] for r in results) / len(results)
+
+
+def read_predictions(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def run_eval(*args):
+    return run_script("eval_hellaswag.py", "--device=cpu", *args, timeout=300)
+
+
+def summary_line(acc, acc_norm, n):
+    return f"hellaswag: {n} examples, acc {acc:.4f}, acc_norm {acc_norm:.4f}"
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny):
+    predictions = tiny["root"] / "single.jsonl"
+    result = run_eval(f"--init_from={tiny['folder']}", f"--data_path={tiny['data']}", f"--predictions_path={predictions}")
+    assert result.returncode == 0, result.stderr
+    return result, read_predictions(predictions)
+
+
+# -----------------------------------------------------------------------------
+# scores against the reference
+
+def test_the_examples_exercise_truncation_and_differences(tiny):
+    enc = tiktoken.get_encoding("gpt2")
+    assert len(enc.encode(EXAMPLES[4]["ctx"])) > N_POSITIONS  # the long context really is cut
+    ref = reference(tiny["hf"], EXAMPLES)
+    for r in ref:  # the choices are clear-cut, so comparing them is meaningful at float32 precision
+        for scores in (r["sum_loss"], [s / n for s, n in zip(r["sum_loss"], r["n_tokens"])]):
+            ordered = sorted(scores)
+            assert ordered[1] - ordered[0] > 1e-3, r
+
+
+def test_script_matches_transformers_reference(tiny, single_run):
+    result, predictions = single_run
+    ref = reference(tiny["hf"], EXAMPLES)
+    assert [p["pred"] for p in predictions] == [r["pred"] for r in ref]
+    assert [p["pred_norm"] for p in predictions] == [r["pred_norm"] for r in ref]
+    assert [p["label"] for p in predictions] == [e["label"] for e in EXAMPLES]
+    for p, r in zip(predictions, ref):
+        assert p["n_tokens"] == r["n_tokens"]
+        for ours, theirs in zip(p["sum_loss"], r["sum_loss"]):
+            assert abs(ours - theirs) < 1e-3 * max(1.0, abs(theirs)), (p, r)
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == summary_line(accuracy(ref, "pred"), accuracy(ref, "pred_norm"), len(EXAMPLES))
+
+
+def test_evaluate_in_process_matches_reference(tiny):
+    model = GPT.from_pretrained(tiny["folder"]).eval()
+    encode = get_tokenizer(None)[0]
+    result = eval_hellaswag.evaluate_hellaswag(model, EXAMPLES, "cpu", torch.autocast("cpu", enabled=False), encode)
+    ref = reference(tiny["hf"], EXAMPLES)
+    assert result["n"] == len(EXAMPLES)
+    assert result["pred"] == [r["pred"] for r in ref] and result["pred_norm"] == [r["pred_norm"] for r in ref]
+    assert result["acc"] == pytest.approx(accuracy(ref, "pred")) and result["acc_norm"] == pytest.approx(accuracy(ref, "pred_norm"))
+    assert not model.training
+
+
+def test_resume_appends_to_metrics(tiny, single_run):
+    metrics = os.path.join(tiny["out_dir"], "metrics.jsonl")
+    with open(metrics, "w") as f:
+        f.write(json.dumps({"iter": 1234, "val_loss": 5.0}) + "\n")  # a run's own records stay
+    result = run_eval("--init_from=resume", f"--out_dir={tiny['out_dir']}", f"--data_path={tiny['data']}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == single_run[0].stdout.strip().splitlines()[-1]
+    with open(metrics) as f:
+        records = [json.loads(line) for line in f]
+    assert records[0] == {"iter": 1234, "val_loss": 5.0}
+    ref = reference(tiny["hf"], EXAMPLES)
+    assert records[1] == {"event": "hellaswag", "iter": 1234, "hellaswag_acc": pytest.approx(accuracy(ref, "pred")),
+                          "hellaswag_acc_norm": pytest.approx(accuracy(ref, "pred_norm")), "hellaswag_n": len(EXAMPLES)}
+
+
+def test_max_examples_takes_the_first(tiny):
+    model = GPT.from_pretrained(tiny["folder"]).eval()
+    encode = get_tokenizer(None)[0]
+    full = eval_hellaswag.evaluate_hellaswag(model, EXAMPLES, "cpu", torch.autocast("cpu", enabled=False), encode)
+    result = run_eval("--init_from=resume", f"--out_dir={tiny['out_dir']}", f"--data_path={tiny['data']}", "--max_examples=3")
+    assert result.returncode == 0, result.stderr
+    acc = sum(p == e["label"] for p, e in zip(full["pred"][:3], EXAMPLES[:3])) / 3
+    acc_norm = sum(p == e["label"] for p, e in zip(full["pred_norm"][:3], EXAMPLES[:3])) / 3
+    assert result.stdout.strip().splitlines()[-1] == summary_line(acc, acc_norm, 3)
+
+
+# -----------------------------------------------------------------------------
+# sharing out over processes
+
+class CountingModel(torch.nn.Module):
+    def __init__(self, module):
+        super().__init__()
+        self.module = module  # found through .module, as under DDP
+        self.forwards = 0
+
+    def forward(self, idx):
+        self.forwards += 1
+        return self.module(idx)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 8])
+def test_ranks_share_the_examples_and_run_equal_forwards(tiny, monkeypatch, world_size):
+    """Each rank's tables, as they go into the all-reduce, sum to the single-process tables; every rank runs
+    ceil(n / world_size) forwards, a rank without an example left repeating one whose scores are dropped."""
+    model = GPT.from_pretrained(tiny["folder"]).eval()
+    encode = get_tokenizer(None)[0]
+    ctx = torch.autocast("cpu", enabled=False)
+    single = eval_hellaswag.evaluate_hellaswag(model, EXAMPLES, "cpu", ctx, encode)
+    reduced = []
+    monkeypatch.setattr(eval_hellaswag.dist, "all_reduce", lambda t: reduced.append(t.clone()))
+    sum_loss, n_tokens = 0, 0
+    for rank in range(world_size):
+        counting = CountingModel(model)
+        eval_hellaswag.evaluate_hellaswag(counting, EXAMPLES, "cpu", ctx, encode, rank=rank, world_size=world_size)
+        assert counting.forwards == math.ceil(len(EXAMPLES) / world_size)
+        rank_loss, rank_tokens = reduced[-2:]
+        assert (rank_tokens.sum(dim=1) > 0).sum() == len(range(rank, len(EXAMPLES), world_size))  # its own rows only
+        sum_loss, n_tokens = sum_loss + rank_loss, n_tokens + rank_tokens
+    assert sum_loss.tolist() == single["sum_loss"] and n_tokens.tolist() == single["n_tokens"]
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_result(tiny, single_run):
+    """torchrun, 2 processes, 7 examples (one rank repeats an example): the same choices and losses as one
+    process. The checkpoint holds the HF folder's weights (test_resume_appends_to_metrics: same result)."""
+    predictions = tiny["root"] / "two.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "eval_hellaswag.py",
+           "--device=cpu", "--init_from=resume", f"--out_dir={tiny['out_dir']}", f"--data_path={tiny['data']}",
+           f"--predictions_path={predictions}"]
+    result = subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = [line for line in result.stdout.splitlines() if line.startswith("hellaswag:")]
+    assert summary == [single_run[0].stdout.strip().splitlines()[-1]]  # printed once, by rank 0
+    two = read_predictions(predictions)
+    for a, b in zip(two, single_run[1], strict=True):
+        assert a["pred"] == b["pred"] and a["pred_norm"] == b["pred_norm"] and a["n_tokens"] == b["n_tokens"]
+        assert a["sum_loss"] == pytest.approx(b["sum_loss"], abs=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# errors
+
+VALID = json.dumps(EXAMPLES[0])
+BAD_LINES = {
+    "bad JSON": ('{"ctx": "A man", "endings": [', "not valid JSON"),
+    "not an object": ('["ctx", "endings", "label"]', "not an object"),
+    "missing label": (json.dumps({k: v for k, v in EXAMPLES[0].items() if k != "label"}), "no 'label'"),
+    "missing ctx and endings": (json.dumps({"label": 0}), "no 'ctx', 'endings'"),
+    "three endings": (json.dumps(dict(EXAMPLES[0], endings=["a", "b", "c"])), "list of 4 texts"),
+    "an ending not text": (json.dumps(dict(EXAMPLES[0], endings=["a", "b", "c", 4])), "list of 4 texts"),
+    "label 4": (json.dumps(dict(EXAMPLES[0], label=4)), "label' must be 0, 1, 2 or 3"),
+    "label -1": (json.dumps(dict(EXAMPLES[0], label=-1)), "label' must be 0, 1, 2 or 3"),
+    "label text": (json.dumps(dict(EXAMPLES[0], label="1")), "label' must be 0, 1, 2 or 3"),
+    "label bool": (json.dumps(dict(EXAMPLES[0], label=True)), "label' must be 0, 1, 2 or 3"),
+    "empty ctx": (json.dumps(dict(EXAMPLES[0], ctx="")), "'ctx' must be a non-empty text"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LINES))
+def test_malformed_line_names_its_line(tmp_path, case):
+    line, message = BAD_LINES[case]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join([VALID, VALID, line, VALID]) + "\n", encoding="utf-8")
+    with pytest.raises(UserError) as info:
+        eval_hellaswag.load_hellaswag(str(path))
+    text = str(info.value)
+    assert f"{path}, line 3: " in text and message in text and "\n" not in text, text
+
+
+def test_not_utf8_and_empty_files(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes((VALID + "\n").encode() + b'{"ctx": "caf\xe9"}\n')
+    with pytest.raises(UserError, match="line 2: not UTF-8"):
+        eval_hellaswag.load_hellaswag(str(path))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(UserError, match="holds no examples"):
+        eval_hellaswag.load_hellaswag(str(tmp_path / "empty.jsonl"))
+    with pytest.raises(UserError, match="python data/hellaswag/prepare.py"):
+        eval_hellaswag.load_hellaswag(str(tmp_path / "missing.jsonl"))
+
+
+def test_ending_longer_than_block_size(tiny):
+    encode = get_tokenizer(None)[0]
+    long_ending = dict(EXAMPLES[0], endings=["a"] * 3 + [" ".join(["word"] * 40)])
+    with pytest.raises(UserError, match="ending 3 is 40 tokens, more than the model's block_size of 32"):
+        eval_hellaswag.example_rows(long_ending, encode, N_POSITIONS, index=5)
+    rows = eval_hellaswag.example_rows(dict(EXAMPLES[0], endings=["a"] * 3 + [" ".join(["word"] * 32)]), encode, N_POSITIONS)
+    inputs, targets = rows[3]  # an ending of exactly block_size tokens: one context token left, all of it scored
+    assert len(inputs) == N_POSITIONS and -1 not in targets
+
+
+def test_script_malformed_file_is_one_line(tiny, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(VALID + "\n" + json.dumps(dict(EXAMPLES[0], label=7)) + "\n", encoding="utf-8")
+    predictions = tmp_path / "predictions.jsonl"
+    before = sorted(os.listdir(tiny["out_dir"])), metrics_text(tiny["out_dir"])
+    line = assert_user_error(run_eval("--init_from=resume", f"--out_dir={tiny['out_dir']}", f"--data_path={path}",
+                                   f"--predictions_path={predictions}"))
+    assert "line 2" in line and "label" in line
+    assert not predictions.exists() and (sorted(os.listdir(tiny["out_dir"])), metrics_text(tiny["out_dir"])) == before
+
+
+def metrics_text(out_dir):
+    path = os.path.join(out_dir, "metrics.jsonl")
+    return open(path).read() if os.path.exists(path) else None
+
+
+def test_script_refuses_character_models(tmp_path, tiny):
+    chars = list("\n abcdefghijklmnopqrstuvwxyz")
+    model = tiny_model(vocab_size=len(chars))
+    save_checkpoint(dict(model=model.state_dict(), model_args=model.config.to_dict(), iter_num=10, chars=chars),
+                    str(tmp_path / "ckpt.pt"))
+    line = assert_user_error(run_eval("--init_from=resume", f"--out_dir={tmp_path}", f"--data_path={tiny['data']}"))
+    assert "character-level" in line
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]  # no metrics.jsonl written
+
+
+
+# -----------------------------------------------------------------------------
+# data/hellaswag/prepare.py up to the network
+
+def load_prepare():
+    spec = importlib.util.spec_from_file_location("hellaswag_prepare", os.path.join(REPO, "data", "hellaswag", "prepare.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prepare_uses_local_copy(tmp_path, monkeypatch, capsys):
+    import requests
+    def no_call(*args, **kwargs):
+        raise AssertionError("downloaded although the file is there")
+    monkeypatch.setattr(requests, "get", no_call)
+    path = write_jsonl(tmp_path / "hellaswag_val.jsonl", EXAMPLES)
+    before = open(path, "rb").read()
+    load_prepare().main(str(tmp_path))
+    assert open(path, "rb").read() == before
+    assert f"{len(EXAMPLES)} examples" in capsys.readouterr().out
+
+
+class FakeResponse:
+    def __init__(self, blocks, fail_after=None):
+        self.blocks, self.fail_after = blocks, fail_after
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def raise_for_status(self):
+        pass
+
+    def iter_content(self, chunk_size):
+        import requests
+        for i, block in enumerate(self.blocks):
+            if i == self.fail_after:
+                raise requests.ConnectionError("connection reset")
+            yield block
+
+
+def test_prepare_downloads_into_place(tmp_path, monkeypatch):
+    import requests
+    content = "".join(json.dumps(e) + "\n" for e in EXAMPLES).encode()
+    asked = []
+    def get(url, **kwargs):
+        asked.append(url)
+        return FakeResponse([content[:100], content[100:]])
+    monkeypatch.setattr(requests, "get", get)
+    prepare = load_prepare()
+    prepare.main(str(tmp_path))
+    assert asked == ["https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"]
+    assert (tmp_path / "hellaswag_val.jsonl").read_bytes() == content
+    assert len(eval_hellaswag.load_hellaswag(str(tmp_path / "hellaswag_val.jsonl"))) == len(EXAMPLES)
+
+
+@pytest.mark.parametrize("fail_after", [None, 1])
+def test_prepare_offline_leaves_nothing(tmp_path, monkeypatch, fail_after):
+    import requests
+    def get(url, **kwargs):
+        if fail_after is None:
+            raise requests.ConnectionError("no network in this test")
+        return FakeResponse([b'{"ctx": "half', b' a line'], fail_after=fail_after)
+    monkeypatch.setattr(requests, "get", get)
+    with pytest.raises(SystemExit) as info:
+        load_prepare().main(str(tmp_path))
+    text = str(info.value.code)
+    assert text.startswith("error: could not download HellaSwag") and "\n" not in text and str(tmp_path) in text
+    assert os.listdir(tmp_path) == []  # no partial file
