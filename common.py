@@ -65,13 +65,16 @@ def pick_device(device: str = "auto") -> str:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return "mps"
         return "cpu"
-    kind = device.split(":")[0]
+    kind, colon, index = device.partition(":")
+    if kind not in ("cuda", "mps", "cpu") or (colon and not index.isdigit()):
+        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
     if kind == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={device!r} but CUDA is not available here; use --device=auto or --device=cpu")
+    if kind == "cuda" and colon and int(index) >= torch.cuda.device_count():
+        raise UserError(f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if kind == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
         raise UserError(f"device={device!r} but MPS is not available here; use --device=auto or --device=cpu")
-    if kind not in ("cuda", "mps", "cpu"):
-        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
     return device
 
 
@@ -192,7 +195,7 @@ def is_pretrained_source(init_from: str) -> bool:
     return init_from in GPT2_NAMES or os.path.isdir(init_from)
 
 
-def hf_folder_chars(folder):
+def hf_folder_chars(folder: str) -> list[str] | None:
     """The character vocabulary of a Hugging Face folder whose tokenizer.json is a character list, as
     export_hf.py writes for a character-level model: a BPE model with no merges, no normalizer, no
     pre-tokenizer and no added tokens (so each character is one token), decoded by Fuse (joined as is).

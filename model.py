@@ -424,60 +424,72 @@ class GPT(nn.Module):
         return logits, loss
 
     # -------------------------------------------------------------------------
-    # Pretrained GPT-2
+    # Pretrained models in the Hugging Face format: OpenAI's GPT-2, and what export_hf.py writes
 
     @classmethod
-    def from_pretrained(cls, name_or_path, override_args=None):
+    def from_pretrained(cls, name_or_path: str, override_args: dict | None = None) -> "GPT":
         """
-        Loads OpenAI's GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or a local directory
-        in the Hugging Face format, through transformers. override_args may set dropout, block_size
-        (smaller only), window, or n_kv_head: a GQA model is made from the multi-head checkpoint by
-        mean-pooling the key and value heads of each group (Ainslie et al., 2023).
+        Loads OpenAI's GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or a local directory in the
+        Hugging Face format, through transformers: GPT2LMHeadModel (learned positions, multi-head) or
+        Starcoder2ForCausalLM (rotary, grouped-query, one sliding window or none), the two architectures
+        export_hf.py writes. A checkpoint whose blocks differ from ours (activation, norm epsilon, MLP
+        width, untied embeddings, scaled rotary, ...) is a ConfigError that names the field.
+        override_args may set dropout, block_size (smaller only with learned positions), window, or
+        n_kv_head: fewer key/value heads are made by mean-pooling the heads of each group (Ainslie et al., 2023).
         """
         override_args = dict(override_args or {})
         allowed = set(GPTConfig.PRETRAINED_OVERRIDES)
         unknown = set(override_args) - allowed
         if unknown:
             raise ConfigError(f"from_pretrained can override only {sorted(allowed)}, not {sorted(unknown)}")
-        from transformers import GPT2Config, GPT2LMHeadModel
+        from safetensors import SafetensorError
+        from transformers import AutoConfig, GPT2LMHeadModel, Starcoder2ForCausalLM
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()  # a progress bar per load is noise in logs and tests
         try:
-            hf = GPT2Config.from_pretrained(name_or_path)  # small: check the overrides before loading weights
-            if override_args.get("block_size", hf.n_positions) > hf.n_positions:
-                raise ConfigError(f"block_size={override_args['block_size']} is larger than the {hf.n_positions} positions {name_or_path!r} was trained with")
-            hf_model = GPT2LMHeadModel.from_pretrained(name_or_path)
-        except ConfigError:
-            raise
-        except Exception as e:  # no network, no such directory, not a GPT-2 checkpoint
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise OSError(
-                f"could not load GPT-2 checkpoint {name_or_path!r} ({reason}). Without a network, save it on a machine "
-                f"that has one (GPT2LMHeadModel.from_pretrained('gpt2').save_pretrained('gpt2-local')) "
-                f"and pass that directory instead") from None
-        config_args = dict(n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd, block_size=hf.n_positions,
-                           vocab_size=hf.vocab_size, bias=True, dropout=0.0)
+            hf = AutoConfig.from_pretrained(name_or_path)  # small: check that it fits before loading weights
+        except (OSError, ValueError) as e:  # no network, no such directory, no config.json, unknown model_type
+            raise _pretrained_load_error(name_or_path, e) from None
+        if hf.model_type not in ("gpt2", "starcoder2"):
+            raise ConfigError(f"{name_or_path!r} is a {hf.model_type!r} model; from_pretrained reads gpt2 "
+                              f"(GPT2LMHeadModel) and starcoder2 (Starcoder2ForCausalLM) checkpoints")
+        config_args = _gpt2_config_args(hf) if hf.model_type == "gpt2" else _starcoder2_config_args(hf)
+        source_kv_head = config_args["n_kv_head"]
+        if not config_args["rope"] and override_args.get("block_size", hf.n_positions) > hf.n_positions:
+            raise ConfigError(f"block_size={override_args['block_size']} is larger than the {hf.n_positions} "
+                              f"positions {name_or_path!r} was trained with")
         config_args.update(override_args)
-        config = GPTConfig(**config_args)
+        config = GPTConfig(**config_args)  # the settings are checked before the weights are read
+        if source_kv_head % config.n_kv_head != 0:
+            raise ConfigError(f"n_kv_head={config.n_kv_head} must divide the {source_kv_head} key/value heads "
+                              f"of {name_or_path!r}")
+        hf_class = GPT2LMHeadModel if hf.model_type == "gpt2" else Starcoder2ForCausalLM
+        try:
+            hf_sd = hf_class.from_pretrained(name_or_path).state_dict()
+        except (OSError, ValueError, SafetensorError) as e:  # missing or damaged weight files
+            raise _pretrained_load_error(name_or_path, e) from None
+
+        if hf.model_type == "gpt2":
+            # transformers' GPT-2 uses Conv1D modules, whose weights are the transpose of nn.Linear's
+            source = {name: (t.t() if name.endswith(GPT2_TRANSPOSED) else t) for name, t in hf_sd.items()}
+        else:
+            source = _starcoder2_to_ours(hf_sd, config.n_layer)
+            # use_bias=False leaves Linears without biases but LayerNorms with them: our bias=False holds
+            # that when the LayerNorm biases are zero (export_hf.py writes zeros), else bias=True with zeros
+            if not hf.use_bias and not any(t.any() for name, t in source.items() if name.endswith(".bias")):
+                config = GPTConfig(**{**config_args, "bias": False})
         model = cls(config)
 
-        hf_sd = hf_model.state_dict()
-        sd = model.state_dict()
-        # transformers' GPT-2 uses Conv1D modules, whose weights are the transpose of nn.Linear's
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-        C, hd = config.n_embd, config.head_dim
         with torch.no_grad():
-            for name, target in sd.items():
-                source = hf_sd[name]
-                if name.endswith(transposed):
-                    source = source.t()
+            for name, target in model.state_dict().items():
+                value = source["transformer.wte.weight" if name == "lm_head.weight" else name]  # tied
                 if name == "transformer.wpe.weight":
-                    source = source[:config.block_size]
-                if name.endswith("attn.c_attn.weight") or name.endswith("attn.c_attn.bias"):
-                    source = _pool_kv_heads(source, config.n_head, config.n_kv_head, hd, C)
-                if source.shape != target.shape:
-                    raise ConfigError(f"shape mismatch for {name}: checkpoint {tuple(source.shape)} vs model {tuple(target.shape)}")
-                target.copy_(source)
+                    value = value[:config.block_size]
+                if name.endswith(("attn.c_attn.weight", "attn.c_attn.bias")):
+                    value = _pool_kv_heads(value, config.n_head, source_kv_head, config.n_kv_head, config.head_dim)
+                if value.shape != target.shape:
+                    raise ConfigError(f"shape mismatch for {name}: checkpoint {tuple(value.shape)} vs model {tuple(target.shape)}")
+                target.copy_(value)
         return model
 
     # -------------------------------------------------------------------------
@@ -568,13 +580,100 @@ def load_model_state(model, state_dict):
     model.load_state_dict(state_dict)
 
 
-def _pool_kv_heads(weight, n_head, n_kv_head, head_dim, n_embd):
-    """c_attn weight (3C, C) or bias (3C,) of a multi-head checkpoint -> GQA layout, keys/values mean-pooled per group."""
-    if n_kv_head == n_head:
+# -----------------------------------------------------------------------------
+# The Hugging Face formats: what GPT.from_pretrained reads and export_hf.py writes
+
+GPT2_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # Conv1D there
+TANH_GELU_NAMES = ("gelu_pytorch_tanh", "gelu_new")  # transformers' names for our GELU, the tanh approximation
+LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which every LayerNorm here uses
+STARCODER2_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # our c_attn, stacked in this order
+
+
+def starcoder2_names(n_layer: int) -> dict[str, str]:
+    """Our module names -> Starcoder2ForCausalLM's (each with .weight and .bias), all but c_attn,
+    which is Starcoder2's STARCODER2_QKV stacked. lm_head is tied to the embedding in both."""
+    names = {"transformer.wte": "model.embed_tokens", "transformer.ln_f": "model.norm"}
+    for i in range(n_layer):
+        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
+        names.update({ours + "ln_1": theirs + "input_layernorm", ours + "attn.c_proj": theirs + "self_attn.o_proj",
+                      ours + "ln_2": theirs + "post_attention_layernorm", ours + "mlp.c_fc": theirs + "mlp.c_fc",
+                      ours + "mlp.c_proj": theirs + "mlp.c_proj"})
+    return names
+
+
+def _starcoder2_to_ours(hf_sd, n_layer):
+    """A Starcoder2ForCausalLM state dict under our names, with zero biases for the Linears of a
+    use_bias=False checkpoint (the same function)."""
+    sd = {}
+    for ours, theirs in starcoder2_names(n_layer).items():
+        for kind in ("weight", "bias"):
+            if f"{theirs}.{kind}" in hf_sd:
+                sd[f"{ours}.{kind}"] = hf_sd[f"{theirs}.{kind}"]
+    for i in range(n_layer):
+        for kind in ("weight", "bias"):
+            parts = [hf_sd.get(f"model.layers.{i}.{proj}.{kind}") for proj in STARCODER2_QKV]
+            if parts[0] is not None:
+                sd[f"transformer.h.{i}.attn.c_attn.{kind}"] = torch.cat(parts, dim=0)
+    for name, weight in list(sd.items()):
+        linear = name.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"))
+        if linear and name.replace(".weight", ".bias") not in sd:
+            sd[name.replace(".weight", ".bias")] = weight.new_zeros(weight.shape[0])
+    return sd
+
+
+def _check_hf_field(hf, field, ok, needed):
+    if not ok:
+        raise ConfigError(f"{hf.model_type} checkpoint has {field}={getattr(hf, field, None)!r}, but this GPT "
+                          f"needs {needed}: no parameter mapping can hold that")
+
+
+def _gpt2_config_args(hf):
+    """GPTConfig arguments of a GPT2Config, after checking that its blocks are ours."""
+    _check_hf_field(hf, "activation_function", hf.activation_function in TANH_GELU_NAMES, f"one of {TANH_GELU_NAMES}")
+    _check_hf_field(hf, "layer_norm_epsilon", hf.layer_norm_epsilon == LAYER_NORM_EPS, LAYER_NORM_EPS)
+    _check_hf_field(hf, "n_inner", hf.n_inner in (None, 4 * hf.n_embd), f"None or 4 * n_embd = {4 * hf.n_embd}")
+    _check_hf_field(hf, "scale_attn_weights", hf.scale_attn_weights, True)
+    _check_hf_field(hf, "scale_attn_by_inverse_layer_idx", not hf.scale_attn_by_inverse_layer_idx, False)
+    _check_hf_field(hf, "tie_word_embeddings", hf.tie_word_embeddings, True)
+    return dict(n_layer=hf.n_layer, n_head=hf.n_head, n_kv_head=hf.n_head, n_embd=hf.n_embd,
+                block_size=hf.n_positions, vocab_size=hf.vocab_size, bias=True, dropout=0.0, rope=False)
+
+
+def _starcoder2_config_args(hf):
+    """GPTConfig arguments of a Starcoder2Config, after checking that its blocks are ours (bias is
+    settled once the weights are read)."""
+    _check_hf_field(hf, "hidden_act", hf.hidden_act in TANH_GELU_NAMES, f"one of {TANH_GELU_NAMES}")
+    _check_hf_field(hf, "norm_epsilon", hf.norm_epsilon == LAYER_NORM_EPS, LAYER_NORM_EPS)
+    _check_hf_field(hf, "intermediate_size", hf.intermediate_size == 4 * hf.hidden_size,
+                    f"4 * hidden_size = {4 * hf.hidden_size}")
+    _check_hf_field(hf, "tie_word_embeddings", hf.tie_word_embeddings, True)
+    head_dim = getattr(hf, "head_dim", None)
+    _check_hf_field(hf, "head_dim", head_dim in (None, hf.hidden_size // hf.num_attention_heads),
+                    f"hidden_size / num_attention_heads = {hf.hidden_size // hf.num_attention_heads}")
+    rope = dict(getattr(hf, "rope_parameters", None) or {})
+    _check_hf_field(hf, "rope_parameters", rope.get("rope_type", "default") == "default" and
+                    rope.get("partial_rotary_factor", 1.0) == 1.0, "plain rotary embedding (rope_type 'default', no scaling)")
+    return dict(n_layer=hf.num_hidden_layers, n_head=hf.num_attention_heads, n_kv_head=hf.num_key_value_heads,
+                n_embd=hf.hidden_size, block_size=hf.max_position_embeddings, vocab_size=hf.vocab_size,
+                bias=True, dropout=0.0, rope=True, rope_theta=float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))),
+                window=hf.sliding_window)
+
+
+def _pretrained_load_error(name_or_path, e):
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return OSError(f"could not load checkpoint {name_or_path!r} ({reason}). Without a network, save it on a machine "
+                   f"that has one (GPT2LMHeadModel.from_pretrained('gpt2').save_pretrained('gpt2-local')) "
+                   f"and pass that directory instead")
+
+
+def _pool_kv_heads(weight, n_head, source_kv_head, n_kv_head, head_dim):
+    """c_attn weight or bias [q | k | v] with source_kv_head key/value heads -> n_kv_head of them, each
+    the mean of a group of consecutive heads (query head h keeps using kv head h // (n_head // n_kv_head))."""
+    if n_kv_head == source_kv_head:
         return weight
-    q, k, v = weight.split(n_embd, dim=0)
-    group = n_head // n_kv_head
-    def pool(x):  # consecutive heads form a group: head h belongs to kv head h // group
+    q, k, v = weight.split([n_head * head_dim, source_kv_head * head_dim, source_kv_head * head_dim], dim=0)
+    group = source_kv_head // n_kv_head
+    def pool(x):
         return x.reshape(n_kv_head, group, head_dim, *x.shape[1:]).mean(dim=1).reshape(n_kv_head * head_dim, *x.shape[1:])
     return torch.cat((q, pool(k), pool(v)), dim=0)
 

@@ -365,10 +365,11 @@ def build_model(s, init_from, vocab_size, dist_env):
     if init_from == "scratch":
         model_args = {k: s[k] for k in MODEL_SETTINGS}
         return load_model("scratch", model_args=dict(model_args, vocab_size=vocab_size)).model, None
-    if s["rope"]:
-        raise UserError("GPT-2 checkpoints use learned positions; --rope=True needs init_from=scratch")
     overrides = {k: s[k] for k in GPTConfig.PRETRAINED_OVERRIDES if s[k] is not None}
-    return load_model(init_from, overrides=overrides).model, None
+    model = load_model(init_from, overrides=overrides).model
+    if s["rope"] and not model.config.rope:  # the source decides the position encoding; it cannot be switched
+        raise UserError(f"{init_from} uses learned positions; --rope=True needs init_from=scratch or a rotary model")
+    return model, None
 
 
 def wrap_model(model, dist_env, use_fsdp, fsdp_cpu_offload, device_type, ptdtype_name):

@@ -1,0 +1,324 @@
+"""
+Exports a model trained here (out_dir/ckpt.pt) to the Hugging Face format: a folder that
+transformers' AutoModelForCausalLM and AutoTokenizer load without trust_remote_code, so the model can
+go to the hub, to serving tools and to evaluation harnesses.
+
+    python export_hf.py --out_dir=out-shakespeare-char --hf_dir=shakespeare-char-hf
+    python export_hf.py --out_dir=out --hf_dir=my-gpt --dtype=bfloat16
+
+The architecture follows the model, and the logits are ours (fp32) for every variant it can hold:
+    learned positions, multi-head attention, no window          -> GPT2LMHeadModel
+    rotary, multi-head or grouped-query, one window or none     -> Starcoder2ForCausalLM
+Anything else (learned positions with grouped-query attention or a window, per-layer windows that
+differ) has no transformers architecture: refused with one line, nothing written.
+The folder holds config.json, model.safetensors (embedding and lm_head tied), generation_config.json,
+the tokenizer files (GPT-2's, rebuilt from tiktoken's encoding; or the character list) and README.md.
+GPT.from_pretrained (so sample.py and train.py with --init_from=<folder>) reads it back.
+"""
+
+import os
+import sys
+import json
+import shutil
+
+import torch
+
+from model import GPTConfig, GPT2_TRANSPOSED, GPT2_VOCAB_SIZE, LAYER_NORM_EPS, STARCODER2_QKV, starcoder2_names
+from configurator import apply_overrides
+from common import UserError, run_main, load_model, gpt2_encoding
+
+# -----------------------------------------------------------------------------
+out_dir = "out"  # the train.py run whose ckpt.pt is exported
+hf_dir = ""  # the folder to write; "" means out_dir/hf
+dtype = "float32"  # 'float32' (exact) | 'bfloat16' (half the size, for sharing)
+overwrite = False  # replace an earlier export in hf_dir
+# -----------------------------------------------------------------------------
+
+GELU = "gelu_pytorch_tanh"  # transformers' name for F.gelu(approximate="tanh"), the GELU of our MLP
+
+
+def target_architecture(config: GPTConfig) -> str:
+    """'gpt2' or 'starcoder2' for a GPTConfig; a UserError naming the setting no architecture can hold."""
+    windows = config.window if isinstance(config.window, tuple) else (config.window,) * config.n_layer
+    if not config.rope:
+        if config.n_kv_head != config.n_head:
+            raise UserError(f"cannot export n_kv_head={config.n_kv_head} (grouped-query attention) with learned positions "
+                            f"(rope=False): no transformers architecture holds both; GPT2LMHeadModel is multi-head only. "
+                            f"Multi-head models with learned positions export as GPT2LMHeadModel, rope=True models "
+                            f"(grouped-query or not) as Starcoder2ForCausalLM")
+        if any(w is not None for w in windows):
+            raise UserError(f"cannot export window={config.window} with learned positions (rope=False): GPT2LMHeadModel "
+                            f"has no sliding window. Models with learned positions and no window export as "
+                            f"GPT2LMHeadModel, rope=True models with one window for every layer as Starcoder2ForCausalLM")
+        return "gpt2"
+    if len(set(windows)) > 1:
+        raise UserError(f"cannot export window={list(config.window)}: the layers differ, and Starcoder2ForCausalLM (the "
+                        f"transformers architecture with our rotary LayerNorm-GELU blocks) has one sliding_window for "
+                        f"all layers. The same window in every layer, or none, exports")
+    return "starcoder2"
+
+
+def common_window(config):
+    """The one window of every layer (None: full causal attention)."""
+    return config.layer_window(0)
+
+
+# -----------------------------------------------------------------------------
+# config and weights
+
+def hf_config(arch, config, n_tokens, eos_id):
+    """The transformers config of the same model. Dropout maps onto the same three places (embeddings,
+    attention probabilities, each block's two residual branches); GPT-2's Conv1D needs no setting."""
+    from transformers import GPT2Config, Starcoder2Config
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=n_tokens, n_positions=config.block_size, n_embd=config.n_embd,
+                          n_layer=config.n_layer, n_head=config.n_head, n_inner=None, activation_function=GELU,
+                          resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
+                          layer_norm_epsilon=LAYER_NORM_EPS, bos_token_id=eos_id, eos_token_id=eos_id,
+                          tie_word_embeddings=True, architectures=["GPT2LMHeadModel"])
+    # Starcoder2's sliding window counts the query itself, as ours does: key j is seen from query i
+    # when i - window < j <= i (transformers' masking_utils.sliding_window_overlay), so W maps to W
+    return Starcoder2Config(vocab_size=n_tokens, hidden_size=config.n_embd, intermediate_size=4 * config.n_embd,
+                            num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
+                            num_key_value_heads=config.n_kv_head, hidden_act=GELU,
+                            max_position_embeddings=config.block_size, norm_epsilon=LAYER_NORM_EPS,
+                            rope_parameters={"rope_type": "default", "rope_theta": float(config.rope_theta)},
+                            sliding_window=common_window(config), use_bias=config.bias,
+                            attention_dropout=config.dropout, residual_dropout=config.dropout,
+                            embedding_dropout=config.dropout, bos_token_id=eos_id, eos_token_id=eos_id,
+                            tie_word_embeddings=True, architectures=["Starcoder2ForCausalLM"])
+
+
+def hf_state_dict(arch, model, n_tokens):
+    """Our weights under the architecture's names, the embedding cut to the tokenizer's n_tokens rows
+    (the padding rows of a 50304-row GPT-2 embedding are never a target, so never predicted).
+    bias=False: GPT-2 has biases everywhere, Starcoder2 in its LayerNorms; zeros there are exact."""
+    config = model.config
+    sd = {name: t.detach() for name, t in model.state_dict().items()}
+    sd["transformer.wte.weight"] = sd["transformer.wte.weight"][:n_tokens]
+    if not config.bias:
+        for name, weight in list(sd.items()):
+            if name.endswith(".weight") and ("ln_" in name or name.endswith(GPT2_TRANSPOSED)):
+                sd[name.replace(".weight", ".bias")] = weight.new_zeros(weight.shape[0])
+    if arch == "gpt2":
+        out = {name: (t.t() if name.endswith(GPT2_TRANSPOSED) else t) for name, t in sd.items()}
+    else:
+        out = {}
+        for ours, theirs in starcoder2_names(config.n_layer).items():
+            for kind in ("weight", "bias"):
+                layer_norm = ours.endswith(("ln_1", "ln_2", "ln_f"))  # Starcoder2's LayerNorms always have biases
+                if f"{ours}.{kind}" in sd and (config.bias or kind == "weight" or layer_norm):
+                    out[f"{theirs}.{kind}"] = sd[f"{ours}.{kind}"]
+        q_size, kv_size = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+        for i in range(config.n_layer):
+            for kind in ("weight", "bias") if config.bias else ("weight",):
+                parts = sd[f"transformer.h.{i}.attn.c_attn.{kind}"].split([q_size, kv_size, kv_size], dim=0)
+                for proj, part in zip(STARCODER2_QKV, parts):
+                    out[f"model.layers.{i}.{proj}.{kind}"] = part
+    out["lm_head.weight"] = out["transformer.wte.weight" if arch == "gpt2" else "model.embed_tokens.weight"]
+    return out
+
+
+def build_hf_model(arch, config, n_tokens, eos_id, model, torch_dtype):
+    from transformers import GPT2LMHeadModel, Starcoder2ForCausalLM
+    hf_cls = GPT2LMHeadModel if arch == "gpt2" else Starcoder2ForCausalLM
+    hf_model = hf_cls(hf_config(arch, config, n_tokens, eos_id))
+    hf_model.load_state_dict(hf_state_dict(arch, model, n_tokens), strict=True)
+    hf_model.tie_weights()
+    return hf_model.to(torch_dtype).eval()
+
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+def gpt2_merges(ranks):
+    """GPT-2's merges in order, recovered from tiktoken's ranks: the token of rank r is the merge of the
+    two parts that byte-level BPE with only the ranks below r leaves of it (so merges.txt line r - 255)."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) == 1:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            pairs = [(ranks.get(parts[i] + parts[i + 1]), i) for i in range(len(parts) - 1)]
+            _, i = min((r, i) for r, i in pairs if r is not None and r < rank)
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def write_gpt2_tokenizer(folder, block_size):
+    """GPT-2's tokenizer, built from tiktoken's encoding (the one training used; no download): the
+    tokenizers backend of transformers' GPT2Tokenizer in tokenizer.json, and vocab.json and merges.txt
+    for the readers that want OpenAI's two files."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    enc = gpt2_encoding()
+    byte_to_char = bytes_to_unicode()  # GPT-2 writes each byte as a printable character in its files
+    def text(token):
+        return "".join(byte_to_char[b] for b in token)
+    ranks = enc._mergeable_ranks  # bytes -> id; tiktoken's public API encodes, it does not list merges
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    vocab.update(enc._special_tokens)  # <|endoftext|>: 50256
+    assert len(vocab) == enc.n_vocab == GPT2_VOCAB_SIZE
+    merges = [(text(a), text(b)) for a, b in gpt2_merges(ranks)]
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split, then bytes
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    backend.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)])
+    backend.save(os.path.join(folder, "tokenizer.json"))
+    write_tokenizer_config(folder, "GPT2Tokenizer", block_size, bos_token="<|endoftext|>",
+                           eos_token="<|endoftext|>", unk_token="<|endoftext|>", add_prefix_space=False)
+
+
+def write_tokenizer_config(folder, tokenizer_class, block_size, **special):
+    """tokenizer_config.json, written out rather than by save_pretrained so that every transformers
+    version reads it the same. clean_up_tokenization_spaces=False: decoding must not touch spaces."""
+    tokenizer_config = {"tokenizer_class": tokenizer_class, "clean_up_tokenization_spaces": False,
+                        "model_max_length": block_size, **special}
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(tokenizer_config, f, indent=2)
+
+
+def write_char_tokenizer(folder, chars, block_size):
+    """A tokenizer that encodes each character as its id and decodes by joining, exactly as training
+    did (newlines and spaces included): a BPE model with no merges and no pre-tokenizer, so the text
+    is split into characters and nothing else, and a Fuse decoder. Characters outside the vocabulary
+    are dropped (tokenizers has no error for them, and the model has no unknown token)."""
+    from tokenizers import Tokenizer, decoders, models
+    backend = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(chars)}, merges=[], fuse_unk=False))
+    backend.decoder = decoders.Fuse()
+    backend.save(os.path.join(folder, "tokenizer.json"))
+    write_tokenizer_config(folder, "PreTrainedTokenizerFast", block_size)
+
+
+# -----------------------------------------------------------------------------
+# model card
+
+def model_card(arch, model, checkpoint, chars, n_tokens, torch_dtype, name):
+    cfg = model.config
+    hf_name = "GPT2LMHeadModel" if arch == "gpt2" else "Starcoder2ForCausalLM"
+    best = checkpoint.get("best_val_loss")
+    rows = [("architecture", f"`{hf_name}`"), ("parameters", f"{model.get_num_params():,} (ours, embedding counted once)"),
+            ("layers, heads, width", f"{cfg.n_layer}, {cfg.n_head}, {cfg.n_embd}"),
+            ("key/value heads", f"{cfg.n_kv_head}" + (" (grouped-query)" if cfg.n_kv_head != cfg.n_head else "")),
+            ("positions", f"rotary, theta {cfg.rope_theta:g}" if cfg.rope else f"learned, {cfg.block_size}"),
+            ("context trained on", str(cfg.block_size)),
+            ("attention window", "none (full causal)" if common_window(cfg) is None
+             else f"{common_window(cfg)} (each token sees itself and the {common_window(cfg) - 1} before it)"),
+            ("biases", "yes" if cfg.bias else "no (exported as zeros where the format has them)"),
+            ("vocabulary", f"{n_tokens} characters" if chars is not None else f"GPT-2 BPE, {n_tokens} tokens"
+             + (f" (the {cfg.vocab_size - n_tokens} padding rows dropped)" if cfg.vocab_size > n_tokens else "")),
+            ("weights", str(torch_dtype).removeprefix("torch.")),
+            ("iterations", str(checkpoint.get("iter_num", "unknown"))),
+            ("best validation loss", f"{best:.4f}" if isinstance(best, float) else "unknown")]
+    settings = checkpoint.get("config")
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "---", "",
+             f"# {name}", "",
+             (f"A GPT trained with this repository's `train.py` and exported by `export_hf.py` as `{hf_name}`, "
+              f"which `transformers` loads without remote code."), "",
+             "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
+             "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+             f"tokenizer = AutoTokenizer.from_pretrained({name!r})",
+             f"model = AutoModelForCausalLM.from_pretrained({name!r})", "```", ""]
+    if chars is not None:
+        lines += [("The tokenizer is the character list of the training data: one token per character, newlines "
+                   "included; characters outside it are dropped."), ""]
+    if settings:
+        lines += ["## Training settings", "", "```json", json.dumps(settings, indent=1, sort_keys=True, default=str),
+                  "```", ""]
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+
+def check_destination(folder, overwrite):
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"hf_dir {folder!r} is a file; choose a folder")
+    if os.path.isdir(folder) and os.listdir(folder):
+        if os.path.exists(os.path.join(folder, "ckpt.pt")) or not os.path.exists(os.path.join(folder, "config.json")):
+            raise UserError(f"hf_dir {folder!r} holds files that are not an earlier export; choose an empty or new folder")
+        if not overwrite:
+            raise UserError(f"hf_dir {folder!r} already holds an export; pass --overwrite=True to replace it")
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def export(out_dir: str, hf_dir: str, dtype: str = "float32", overwrite: bool = False) -> str:
+    """Write the Hugging Face folder of out_dir/ckpt.pt into hf_dir and return the architecture
+    ('gpt2' or 'starcoder2'). Every check comes before anything is written, and the folder is built
+    aside and moved into place whole: a refusal or a crash leaves hf_dir as it was."""
+    if dtype not in ("float32", "bfloat16"):
+        raise UserError(f"unknown dtype {dtype!r}; use float32 (exact) or bfloat16 (half the size)")
+    hf_dir = os.path.abspath(hf_dir)
+    check_destination(hf_dir, overwrite)
+    loaded = load_model("resume", out_dir)
+    model, chars, checkpoint = loaded.model.eval(), loaded.chars, loaded.checkpoint
+    arch = target_architecture(model.config)
+    n_tokens = len(chars) if chars is not None else GPT2_VOCAB_SIZE
+    if model.config.vocab_size < n_tokens:
+        raise UserError(f"the model has {model.config.vocab_size} token rows but its tokenizer {n_tokens} tokens")
+    eos_id = None if chars is not None else gpt2_encoding().eot_token
+    torch_dtype = getattr(torch, dtype)
+
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    parent, name = os.path.split(hf_dir)
+    staging = os.path.join(parent, f".{name}.partial-{os.getpid()}")  # same file system: the move is a rename
+    try:
+        os.makedirs(parent, exist_ok=True)
+        os.mkdir(staging)
+    except OSError as e:
+        raise UserError(f"cannot write into {parent!r} ({e.strerror}); choose another --hf_dir") from None
+    try:
+        hf_model = build_hf_model(arch, model.config, n_tokens, eos_id, model, torch_dtype)
+        hf_model.save_pretrained(staging)
+        if arch == "starcoder2":
+            # transformers 5 writes rope_theta inside rope_parameters; earlier versions and other readers
+            # (serving engines) look for it at the top level and would silently use 10000 instead
+            path = os.path.join(staging, "config.json")
+            with open(path, encoding="utf-8") as f:
+                hf_json = json.load(f)
+            hf_json["rope_theta"] = float(model.config.rope_theta)
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(hf_json, f, indent=2, sort_keys=True)
+        if chars is not None:
+            write_char_tokenizer(staging, chars, model.config.block_size)
+        else:
+            write_gpt2_tokenizer(staging, model.config.block_size)
+        with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as f:
+            f.write(model_card(arch, model, checkpoint, chars, n_tokens, torch_dtype, name))
+        file_mode = 0o666 & ~current_umask()  # safetensors writes 0600; a shared model is readable like any file
+        for file in os.listdir(staging):
+            os.chmod(os.path.join(staging, file), file_mode)
+        old = os.path.join(parent, f".{name}.replaced-{os.getpid()}")
+        if os.path.isdir(hf_dir):  # empty, or an earlier export with overwrite: moved aside, then removed
+            os.replace(hf_dir, old)
+        os.replace(staging, hf_dir)
+        if os.path.isdir(old):
+            shutil.rmtree(old)
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging)
+    return arch
+
+
+def main() -> None:
+    apply_overrides(globals(), sys.argv[1:])
+    folder = hf_dir or os.path.join(out_dir, "hf")
+    arch = export(out_dir, folder, dtype, overwrite)
+    name = "GPT2LMHeadModel" if arch == "gpt2" else "Starcoder2ForCausalLM"
+    print(f"exported {os.path.join(out_dir, 'ckpt.pt')} as {name} ({dtype}) to {folder}")
+
+
+if __name__ == "__main__":
+    run_main(main)
