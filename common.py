@@ -48,8 +48,7 @@ def first_to_report(message: str) -> bool:
     try:
         store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                                            is_master=False, timeout=timedelta(seconds=10))
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        return store.add(f"user_error/{attempt}/{hashlib.sha256(message.encode()).hexdigest()}", 1) == 1
+        return store.add(f"user_error/{hashlib.sha256(message.encode()).hexdigest()}", 1) == 1
     except (RuntimeError, OSError, ValueError, KeyError):  # no store to ask: better twice than never
         return True
 
@@ -225,13 +224,14 @@ def hf_folder_chars(folder: str) -> list[str] | None:
 
 
 def load_model(init_from: str, out_dir: str = "out", model_args: dict | None = None, overrides: dict | None = None,
-               checkpoint: dict | None = None) -> LoadedModel:
+               checkpoint: dict | None = None, need_decoding: bool = True) -> LoadedModel:
     """
     Every script gets its model here (on the CPU, in fp32; move it where it runs).
       'scratch'                      GPT(GPTConfig(**model_args)), freshly initialised
       'resume'                       out_dir/ckpt.pt written by train.py (or `checkpoint`, already read from it)
       'gpt2' ... 'gpt2-xl', a folder  GPT.from_pretrained, with `overrides` among GPTConfig.PRETRAINED_OVERRIDES
-    A source that does not exist, is damaged or does not fit the settings is a UserError.
+    A source that does not exist, is damaged or does not fit the settings is a UserError; so is a character-level
+    model without its character list, unless need_decoding=False (training needs no decoder).
     """
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if init_from == "resume":
@@ -243,7 +243,7 @@ def load_model(init_from: str, out_dir: str = "out", model_args: dict | None = N
         except ConfigError as e:
             raise UserError(f"{ckpt_path}: {e}") from None
         chars = checkpoint.get("chars")
-        if chars is None and model.config.vocab_size < GPT2_VOCAB_SIZE:
+        if need_decoding and chars is None and model.config.vocab_size < GPT2_VOCAB_SIZE:
             raise UserError(f"{ckpt_path} has a {model.config.vocab_size}-token vocabulary but no character list, "
                             f"so its tokens cannot be decoded")
         return LoadedModel(model, checkpoint, chars)
@@ -258,7 +258,7 @@ def load_model(init_from: str, out_dir: str = "out", model_args: dict | None = N
         except (OSError, ConfigError) as e:
             raise UserError(str(e)) from None
         chars = hf_folder_chars(init_from) if os.path.isdir(init_from) else None
-        if chars is None and model.config.vocab_size < GPT2_VOCAB_SIZE:
+        if need_decoding and chars is None and model.config.vocab_size < GPT2_VOCAB_SIZE:
             raise UserError(f"{init_from} has a {model.config.vocab_size}-token vocabulary but its tokenizer.json is "
                             f"not a character list, so its tokens cannot be decoded")
         if chars is not None and len(chars) != model.config.vocab_size:
@@ -329,6 +329,6 @@ def gpt2_encoding():
     import tiktoken
     try:
         return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # the BPE files are downloaded on first use; offline that fails
+    except (OSError, ValueError) as e:  # the BPE files are downloaded on first use; offline that fails (requests' errors are OSErrors)
         raise UserError(f"could not load the GPT-2 tokenizer ({type(e).__name__}): tiktoken downloads it once; "
                         f"connect to the network once, or point TIKTOKEN_CACHE_DIR at a cache that has it") from None

@@ -19,13 +19,14 @@ import json
 import math
 import time
 import signal
+import traceback
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import GPTConfig, ConfigError, GPT2_NAMES, PADDED_GPT2_VOCAB_SIZE
+from model import GPTConfig, ConfigError, GPT2_NAMES, GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE
 from configurator import apply_overrides
 from eval_hellaswag import load_hellaswag, evaluate_hellaswag, example_rows
 from common import (UserError, run_main, pick_device, pick_dtype, autocast_context, save_checkpoint, load_checkpoint,
@@ -104,13 +105,23 @@ def validate_settings(s):
     for key in ("beta1", "beta2"):
         need(0 <= s[key] < 1, key, "use a number in [0, 1)")
     need(math.isfinite(s["grad_clip"]) and s["grad_clip"] >= 0, "grad_clip", "use a number > 0, or 0 to disable clipping")
-    need(s["seed"] >= 0, "seed", "use an integer >= 0")
+    need(0 <= s["seed"] < 2**63, "seed", "use an integer in [0, 2**63)")
+    need(s["compile"] in (None, True, False), "compile", "use True, False or None (None: on for CUDA only)")
+    need(not s["decay_lr"] or s["lr_decay_iters"] >= s["warmup_iters"], "lr_decay_iters",
+         f"use at least warmup_iters={s['warmup_iters']}: the cosine decay starts where the warmup ends")
+    need(not (s["attn_impl"] == "flex" and s["dropout"] > 0 and s["window"] is not None), "attn_impl",
+         "the flex kernel has no dropout; use --attn_impl=blocked (or auto) with dropout, or --dropout=0")
     need(s["attn_impl"] in ATTN_IMPLS, "attn_impl", f"use one of {', '.join(ATTN_IMPLS)}")
     need(s["out_dir"] != "", "out_dir", "give a folder name")
-    need(s["dataset"] != "" and os.sep not in s["dataset"], "dataset", "give the name of a folder under data_root")
+    need(s["dataset"] not in ("", ".", "..") and os.sep not in s["dataset"], "dataset", "give the name of a folder under data_root")
     need(not s["fsdp_cpu_offload"] or s["fsdp"], "fsdp_cpu_offload", "it needs --fsdp=True")
     if os.path.exists(s["out_dir"]) and not os.path.isdir(s["out_dir"]):
         raise UserError(f"out_dir {s['out_dir']!r} is a file, not a folder; choose another --out_dir")
+    parent = os.path.abspath(s["out_dir"])
+    while not os.path.exists(parent):  # the folder that will hold out_dir must be a writable folder
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UserError(f"out_dir {s['out_dir']!r} cannot be created under {parent} (not a writable folder); choose another --out_dir")
     sources = ("scratch", "resume", "auto", *GPT2_NAMES)
     if s["init_from"] not in sources and not os.path.isdir(s["init_from"]):
         raise UserError(f"unknown init_from {s['init_from']!r}; use {', '.join(sources)} or a local folder in the Hugging Face format")
@@ -187,9 +198,13 @@ class BatchStream:
         return torch.from_numpy(x), torch.from_numpy(y)
 
 
+DROPOUT_STREAM = 3  # keeps dropout seeds apart from the batch streams 0 (train), 1 and 2 (evaluation)
+
+
 def dropout_seed(seed, step, micro_batch):
     """The seed of the dropout masks of global micro-batch `micro_batch` of `step`, whichever process runs it."""
-    return int(np.random.SeedSequence([seed, step, micro_batch]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    entropy = [seed, DROPOUT_STREAM, step, micro_batch]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 # -----------------------------------------------------------------------------
@@ -246,14 +261,15 @@ class Stop:
 
     @classmethod
     def handle(cls, signum, frame):
+        # os.write, not print: a handler that prints while the main thread prints can raise "reentrant call"
         name = signal.Signals(signum).name
         if cls.requested:
             if cls.under_torchrun:
                 return
-            print(f"\nsecond {name}: exiting now without a checkpoint", file=sys.stderr, flush=True)
+            os.write(2, f"\nsecond {name}: exiting now without a checkpoint\n".encode())
             os._exit(128 + signum)
         cls.requested = True
-        print(f"\n{name} received: will save a checkpoint and stop after this step", file=sys.stderr, flush=True)
+        os.write(2, f"\n{name} received: will save a checkpoint and stop after this step\n".encode())
 
 
 class RunLog:
@@ -277,7 +293,9 @@ class RunLog:
     def metrics(self, record):
         if not self.active:
             return
-        self.file.write(json.dumps(record) + "\n")
+        # strict JSON: an overflowing float16 step has an inf gradient norm, written as null, not Infinity
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.file.write(json.dumps(record, allow_nan=False) + "\n")
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log(record, step=record["iter"])
@@ -310,15 +328,25 @@ def check_model_settings(s, vocab_size):
 
 
 def resolve_init_from(init_from, ckpt_path, dist_env):
-    """'auto' becomes 'resume' when rank 0 has a checkpoint, 'scratch' otherwise (rank 0 decides for all)."""
-    if init_from != "auto":
+    """
+    'auto' becomes 'resume' when rank 0 has a checkpoint, 'scratch' otherwise. So does 'scratch' in a torchrun
+    restart (--max-restarts) that finds a checkpoint: starting over there would overwrite the run's progress.
+    A checkpoint that other ranks have and rank 0 has not (a requeue that moved rank 0 to another node) is an error.
+    """
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if init_from not in ("auto", "scratch") or (init_from == "scratch" and not restarted):
         return init_from
-    has_checkpoint = os.path.exists(ckpt_path)
+    everyone = [os.path.exists(ckpt_path)]
     if dist_env.active:
-        decision = [has_checkpoint]
-        dist.broadcast_object_list(decision, src=0)
-        has_checkpoint = decision[0]
-    return "resume" if has_checkpoint else "scratch"
+        everyone = [None] * dist_env.world_size
+        dist.all_gather_object(everyone, os.path.exists(ckpt_path))
+    if not everyone[0] and any(everyone):
+        raise UserError(f"rank 0 has no {ckpt_path} but ranks {[r for r, has in enumerate(everyone) if has]} do: rank 0's "
+                        f"node holds the run's checkpoint; launch rank 0 where it is, or copy it there")
+    if everyone[0] and init_from == "scratch":
+        print(f"torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming from {ckpt_path} instead of starting over",
+              file=sys.stderr, flush=True)
+    return "resume" if everyone[0] else "scratch"
 
 
 def read_checkpoint_everywhere(ckpt_path, dist_env):
@@ -349,27 +377,45 @@ def read_checkpoint_everywhere(ckpt_path, dist_env):
     dist.broadcast_object_list(payload, src=0)
     if dist_env.master:
         return load_checkpoint(ckpt_path)
-    return load_checkpoint(io.BytesIO(payload[0]), name=f"{ckpt_path} (received from rank 0)")
+    return load_checkpoint(io.BytesIO(payload[0]), name=ckpt_path)  # the same name: one message for one damaged file
 
 
-def build_model(s, init_from, vocab_size, dist_env):
-    """(model on the CPU, checkpoint or None, model_args) for a run starting from init_from."""
+TRAINING_KEYS = ("optimizer", "iter_num", "best_val_loss", "config")
+
+
+def build_model(s, init_from, vocab_size, chars, dist_env):
+    """(model on the CPU, checkpoint or None) for a run starting from init_from, checked against the data."""
     ckpt_path = os.path.join(s["out_dir"], "ckpt.pt")
     torch.manual_seed(s["seed"])  # the same initial weights on every process (FSDP shards them where they are)
     if init_from == "resume":
         checkpoint = read_checkpoint_everywhere(ckpt_path, dist_env)
-        loaded = load_model("resume", s["out_dir"], checkpoint=checkpoint)
+        missing = [k for k in TRAINING_KEYS if k not in checkpoint]
+        if missing:
+            raise UserError(f"{ckpt_path} holds a model but not a training run (no {', '.join(missing)}); start from it "
+                            f"with --init_from=scratch and load it elsewhere, or export it and use --init_from=<folder>")
+        loaded = load_model("resume", s["out_dir"], checkpoint=checkpoint, need_decoding=False)
         if loaded.model.config.block_size != s["block_size"]:
             raise UserError(f"the checkpoint was trained with block_size={loaded.model.config.block_size}; resume with that")
+        if checkpoint["config"].get("seed", s["seed"]) != s["seed"]:
+            raise UserError(f"the checkpoint was trained with seed={checkpoint['config']['seed']}, which fixes its batches "
+                            f"and dropout; resume with --seed={checkpoint['config']['seed']}")
+        other_size = vocab_size < GPT2_VOCAB_SIZE and loaded.model.config.vocab_size != vocab_size
+        if checkpoint.get("chars") != chars or other_size:
+            raise UserError(f"{ckpt_path} was trained on another vocabulary than {s['dataset']}'s; resume it on its own "
+                            f"data set ({checkpoint['config'].get('dataset', '?')})")
         return loaded.model, checkpoint
     if init_from == "scratch":
         model_args = {k: s[k] for k in MODEL_SETTINGS}
         return load_model("scratch", model_args=dict(model_args, vocab_size=vocab_size)).model, None
     overrides = {k: s[k] for k in GPTConfig.PRETRAINED_OVERRIDES if s[k] is not None}
-    model = load_model(init_from, overrides=overrides).model
-    if s["rope"] and not model.config.rope:  # the source decides the position encoding; it cannot be switched
+    loaded = load_model(init_from, overrides=overrides, need_decoding=False)
+    if s["rope"] and not loaded.model.config.rope:  # the source decides the position encoding; it cannot be switched
         raise UserError(f"{init_from} uses learned positions; --rope=True needs init_from=scratch or a rotary model")
-    return model, None
+    if loaded.chars != chars:
+        kind = lambda c: "GPT-2 BPE" if c is None else f"a {len(c)}-character vocabulary"
+        raise UserError(f"{init_from} reads {kind(loaded.chars)} but {s['dataset']} is in {kind(chars)}; "
+                        f"fine-tune it on data in its own tokens")
+    return loaded.model, None
 
 
 def wrap_model(model, dist_env, use_fsdp, fsdp_cpu_offload, device_type, ptdtype_name):
@@ -408,7 +454,8 @@ def set_gradient_sync(wrapped, dist_env, use_fsdp, enabled):
 def train_step(model, wrapped, raw_model, optimizer, scaler, batches, step, s, micro_steps, dist_env, ctx, dev):
     """
     micro_steps forward/backward passes on this process's slices of the global batch of `step`, then one
-    optimizer step. Returns (mean loss over all micro-steps and processes, grad norm or None, stop requested).
+    optimizer step. Returns (mean loss over all micro-steps and processes, grad norm or None, stop requested,
+    skipped: float16 gradients overflowed, so the scaler skipped the update and lowered its scale).
     """
     global_rows = s["gradient_accumulation_steps"] * s["batch_size"]
     offsets = batches.offsets(0, step, global_rows, "train")
@@ -429,9 +476,11 @@ def train_step(model, wrapped, raw_model, optimizer, scaler, batches, step, s, m
         dist.all_reduce(summary)
     step_loss = summary[0].item() / s["gradient_accumulation_steps"]
     stop_requested = summary[1].item() > 0
-    if not math.isfinite(step_loss):
-        raise UserError(f"loss became {step_loss} at step {step}; stopped without saving, so the last good checkpoint "
-                        f"in {s['out_dir']} is kept. Try a lower --learning_rate or check the data")
+    if not math.isfinite(step_loss) and not scaler.is_enabled():  # float16 overflows are the scaler's to skip
+        kept = ("so the last good checkpoint in " + s["out_dir"] + " is kept"
+                if os.path.exists(os.path.join(s["out_dir"], "ckpt.pt")) else "and no checkpoint had been written yet")
+        raise UserError(f"loss became {step_loss} at step {step}; stopped without saving, {kept}. "
+                        f"Try a lower --learning_rate or check the data")
     grad_norm = None
     if s["grad_clip"] != 0.0:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
@@ -439,10 +488,12 @@ def train_step(model, wrapped, raw_model, optimizer, scaler, batches, step, s, m
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
         grad_norm = grad_norm.item()
+    scale = scaler.get_scale() if scaler.is_enabled() else None
     scaler.step(optimizer)  # skipped when float16 gradients overflowed; the scaler then lowers its scale
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return step_loss, grad_norm, stop_requested
+    skipped = scale is not None and scaler.get_scale() < scale
+    return step_loss, grad_norm, stop_requested, skipped
 
 
 @torch.no_grad()
@@ -477,8 +528,13 @@ def write_checkpoint(path, raw_model, optimizer, scaler, dist_env, **values):
 
 
 def restore_training_state(checkpoint, raw_model, optimizer, scaler):
+    """AdamW's moments and the scaler's state from the checkpoint; the hyperparameters stay this run's settings
+    (loading an optimizer state would bring back the betas, weight decay and fused flag it was saved with)."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict, StateDictOptions
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     set_optimizer_state_dict(raw_model, optimizer, checkpoint["optimizer"], options=StateDictOptions(full_state_dict=True))
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
     if checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
 
@@ -504,6 +560,23 @@ def report_training_state(raw_model, optimizer, dist_env, log, step):
         log.print(f"rank {r} holds {sum(b.values()) / 2**20:,.1f} MiB of training state: " +
                   ", ".join(f"{k} {v / 2**20:,.1f}" for k, v in b.items()))
     log.metrics(dict(iter=step, state_mib_per_rank=[{k: v / 2**20 for k, v in b.items()} for b in every]))
+
+
+MAX_SKIPPED_STEPS = 20  # float16: this many overflowing steps in a row is divergence, not a scale still settling
+
+
+def log_step(log, step, loss, lr, grad_norm, dt, tokens_per_step, raw_model, block_size, dist_env, dev, grad_scale, skipped):
+    tokens_per_sec = tokens_per_step / dt
+    mfu = estimate_mfu(raw_model, block_size, tokens_per_sec / dist_env.world_size, dev)
+    record = dict(iter=step, loss=loss, lr=lr, grad_norm=grad_norm, ms=dt * 1000, tokens_per_sec=tokens_per_sec)
+    if mfu is not None:
+        record["mfu"] = mfu
+    if grad_scale is not None:
+        record.update(grad_scale=grad_scale, skipped=skipped)
+    log.metrics(record)
+    mfu_text = f", mfu {mfu * 100:.1f}%" if mfu is not None else ""
+    skipped_text = " (float16 overflow: update skipped)" if skipped else ""
+    log.print(f"iter {step}: loss {loss:.4f}, time {dt * 1000:.1f}ms, {tokens_per_sec:,.0f} tok/s{mfu_text}{skipped_text}")
 
 
 def run_hellaswag(model, examples, encode, dist_env, ctx, dev, log, step):
@@ -539,7 +612,7 @@ def main():
         check_model_settings(s, vocab_size)
     hellaswag_examples = None
     if s["hellaswag_interval"]:
-        if chars is not None:
+        if chars is not None or vocab_size < GPT2_VOCAB_SIZE:
             raise UserError("HellaSwag scores English text with the GPT-2 BPE tokenizer; a character-level model "
                             "cannot take it: set --hellaswag_interval=0")
         hellaswag_examples = load_hellaswag(s["hellaswag_path"])
@@ -552,7 +625,7 @@ def main():
         if device_type == "cuda":
             torch.cuda.set_device(dev)
         init_from = resolve_init_from(s["init_from"], ckpt_path, dist_env)
-        model, checkpoint = build_model(s, init_from, vocab_size, dist_env)
+        model, checkpoint = build_model(s, init_from, vocab_size, chars, dist_env)
         batches = BatchStream(data_dir, model.config.block_size, s["seed"], model.config.vocab_size)
         batches.check()
         model_args = model.config.to_dict()
@@ -566,7 +639,8 @@ def main():
         torch.backends.cudnn.allow_tf32 = True
         model.set_attention_impl(s["attn_impl"])
         model.gradient_checkpointing = s["grad_checkpoint"]
-        model.to(dev)
+        if not (dist_env.active and s["fsdp"]):
+            model.to(dev)  # fully_shard moves each shard to the device itself: no whole model on every GPU first
         raw_model = model
         wrapped, autocast_dtype = wrap_model(model, dist_env, s["fsdp"], s["fsdp_cpu_offload"], device_type, ptdtype_name)
         ctx = autocast_context(dev, autocast_dtype)
@@ -575,10 +649,11 @@ def main():
         optimizer = raw_model.configure_optimizers(s["weight_decay"], s["learning_rate"], (s["beta1"], s["beta2"]),
                                                    device_type, fused=False if s["fsdp"] else None)
         scaler = torch.amp.GradScaler(device_type, enabled=ptdtype_name == "float16")
-        iter_num, best_val_loss = 0, math.inf
+        iter_num, best_val_loss, resumed_evaluated = 0, math.inf, False
         if checkpoint is not None:
             restore_training_state(checkpoint, raw_model, optimizer, scaler)
             iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+            resumed_evaluated = checkpoint.get("evaluated", True)
         checkpoint = None  # free memory
 
         wandb_settings = dict(project=s["wandb_project"], name=s["wandb_run_name"], config=config) if s["wandb_log"] else None
@@ -591,60 +666,60 @@ def main():
         log.metrics(dict(event="start", iter=iter_num, init_from=init_from, world_size=dist_env.world_size, device=dev,
                          dtype=ptdtype_name, params=raw_model.get_num_params()))
 
-        def checkpoint_values():
-            return dict(model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss, config=config,
-                        world_size=dist_env.world_size, chars=chars)
+        def save(step, best, evaluated):
+            """evaluated=False marks a checkpoint written on a signal: a resume evaluates that step first."""
+            write_checkpoint(ckpt_path, raw_model, optimizer, scaler, dist_env, model_args=model_args, iter_num=step,
+                             best_val_loss=best, evaluated=evaluated, config=config, world_size=dist_env.world_size,
+                             chars=chars)
 
         Stop.install(under_torchrun=dist_env.active)
-        resumed_at = iter_num if init_from == "resume" and not s["eval_only"] else None
-        first_iter = iter_num
-        stop_requested = False
+        resumed_at = iter_num if resumed_evaluated and not s["eval_only"] else None
+        if iter_num >= s["max_iters"] and not s["eval_only"] and init_from == "resume":
+            log.print(f"the checkpoint is at step {iter_num}, not below --max_iters={s['max_iters']}: nothing to train")
+        tokens_per_step = s["gradient_accumulation_steps"] * s["batch_size"] * model_args["block_size"]
+        first_iter, stop_requested, skipped_in_a_row = iter_num, False, 0
         t0 = time.time()
         while True:
             lr = lr_at(iter_num, s["learning_rate"], s["warmup_iters"], s["lr_decay_iters"], s["min_lr"], s["decay_lr"])
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            if stop_requested:  # nothing but the checkpoint: torchrun and SLURM kill 30 s after their signal
+                save(iter_num, best_val_loss, evaluated=False)
+                log.print(f"stopped at step {iter_num} on a signal; checkpoint saved to {ckpt_path}. "
+                          f"Continue with --init_from=resume (or --init_from=auto)")
+                break
 
             # evaluate and checkpoint (a resumed run already did this at the step it resumed from)
             last_step = iter_num >= s["max_iters"]
-            if (iter_num % s["eval_interval"] == 0 or last_step or s["eval_only"]) and iter_num != resumed_at:
+            due = lambda interval: (iter_num % interval == 0 or last_step or s["eval_only"]) and iter_num != resumed_at
+            if due(s["eval_interval"]):
                 losses = estimate_loss(model, batches, s["eval_iters"], s["batch_size"], dist_env, ctx, dev)
                 log.print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 log.metrics(dict(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr))
                 if losses["val"] < best_val_loss or s["always_save_checkpoint"]:
                     best_val_loss = min(best_val_loss, losses["val"])
                     if iter_num > 0 and not s["eval_only"]:
-                        write_checkpoint(ckpt_path, raw_model, optimizer, scaler, dist_env, **checkpoint_values())
+                        save(iter_num, best_val_loss, evaluated=True)
                         log.print(f"saved checkpoint to {ckpt_path}")
                 t0 = time.time()  # step timings leave evaluation out
-            if hellaswag_examples is not None and (iter_num % s["hellaswag_interval"] == 0 or last_step or s["eval_only"]) \
-                    and iter_num != resumed_at:
+            if hellaswag_examples is not None and due(s["hellaswag_interval"]):
                 # the uncompiled module: every example has its own length, which would recompile a compiled one
                 run_hellaswag(raw_model, hellaswag_examples, encode, dist_env, ctx, dev, log, iter_num)
                 t0 = time.time()
             if s["eval_only"] or last_step:
                 break
-            if stop_requested:
-                write_checkpoint(ckpt_path, raw_model, optimizer, scaler, dist_env, **checkpoint_values())
-                log.print(f"stopped at step {iter_num} on a signal; checkpoint saved to {ckpt_path}. "
-                          f"Continue with --init_from=resume (or --init_from=auto)")
-                break
 
-            step_loss, grad_norm, stop_requested = train_step(model, wrapped, raw_model, optimizer, scaler, batches,
-                                                              iter_num, s, micro_steps, dist_env, ctx, dev)
+            loss, grad_norm, stop_requested, skipped = train_step(model, wrapped, raw_model, optimizer, scaler, batches,
+                                                                  iter_num, s, micro_steps, dist_env, ctx, dev)
+            skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+            if skipped_in_a_row >= MAX_SKIPPED_STEPS:
+                raise UserError(f"float16 gradients overflowed {skipped_in_a_row} steps in a row up to step {iter_num} "
+                                f"(loss {loss}): the run diverged; try a lower --learning_rate or --dtype=bfloat16 on a GPU that has it")
             t1 = time.time()
             dt, t0 = t1 - t0, t1
             if iter_num % s["log_interval"] == 0:
-                tokens_per_sec = s["gradient_accumulation_steps"] * s["batch_size"] * model_args["block_size"] / dt
-                mfu = estimate_mfu(raw_model, model_args["block_size"], tokens_per_sec / dist_env.world_size, dev)
-                record = dict(iter=iter_num, loss=step_loss, lr=lr, grad_norm=grad_norm, ms=dt * 1000, tokens_per_sec=tokens_per_sec)
-                if mfu is not None:
-                    record["mfu"] = mfu
-                if ptdtype_name == "float16":
-                    record["grad_scale"] = scaler.get_scale()
-                log.metrics(record)
-                mfu_text = f", mfu {mfu * 100:.1f}%" if mfu is not None else ""
-                log.print(f"iter {iter_num}: loss {step_loss:.4f}, time {dt * 1000:.1f}ms, {tokens_per_sec:,.0f} tok/s{mfu_text}")
+                log_step(log, iter_num, loss, lr, grad_norm, dt, tokens_per_step, raw_model, model_args["block_size"],
+                         dist_env, dev, scaler.get_scale() if scaler.is_enabled() else None, skipped)
             if iter_num == first_iter:  # optimizer state exists now: report what each process holds
                 report_training_state(raw_model, optimizer, dist_env, log, iter_num)
             iter_num += 1
@@ -654,11 +729,15 @@ def main():
         # the order matters: the DDP/FSDP module holds the process group, whose destructor joins a gloo worker
         # thread; freeing the module first, then the group, keeps that out of interpreter shutdown
         wrapped = model = raw_model = optimizer = None
+        if sys.exc_info()[2] is not None:  # a failing run: its traceback's frames still hold the module
+            traceback.clear_frames(sys.exc_info()[2])
         gc.collect()
-        if log is not None:
-            log.close()
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        try:
+            if log is not None:
+                log.close()
+        finally:
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

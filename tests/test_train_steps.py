@@ -103,8 +103,9 @@ def step(model, optimizer, scaler, stream, index=0, **overrides):
 def test_grad_scaler_step_unscales_before_clipping_and_updates_like_an_unscaled_step(stream):
     plain = make_run(stream, scaler_enabled=False)
     scaled = make_run(stream, scaler_enabled=True, init_scale=2.0**12)
-    loss_a, norm_a, _ = step(*plain, stream)
-    loss_b, norm_b, _ = step(*scaled, stream)
+    loss_a, norm_a, _, skipped_a = step(*plain, stream)
+    loss_b, norm_b, _, skipped_b = step(*scaled, stream)
+    assert not skipped_a and not skipped_b
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
     # the norm is of the true gradients: a scaled norm would be 4096 times larger and clip far harder
     assert norm_b == pytest.approx(norm_a, rel=1e-4)
@@ -116,7 +117,8 @@ def test_grad_scaler_step_unscales_before_clipping_and_updates_like_an_unscaled_
 def test_grad_scaler_skips_the_step_when_gradients_overflow(stream):
     model, optimizer, scaler = make_run(stream, scaler_enabled=True, init_scale=3e38)  # loss * scale overflows
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    step(model, optimizer, scaler, stream)
+    _, grad_norm, _, skipped = step(model, optimizer, scaler, stream)
+    assert skipped and not math.isfinite(grad_norm)
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), f"{name} changed on an overflowing step"
     assert scaler.get_scale() == pytest.approx(3e38 * 0.5)  # backed off, so the next step can succeed
@@ -171,7 +173,7 @@ def test_grad_checkpoint_gives_the_same_step(stream):
         run[0].transformer.drop.p = 0.1  # dropout on: the recomputation must replay the same masks
         for block in run[0].transformer.h:
             block.attn.dropout = 0.1
-    assert step(*plain, stream) == pytest.approx(step(*recomputed, stream), rel=1e-6)
+    assert step(*plain, stream)[:2] == pytest.approx(step(*recomputed, stream)[:2], rel=1e-6)
     for a, b in zip(plain[0].parameters(), recomputed[0].parameters()):
         assert torch.allclose(a, b, atol=1e-6)
 
@@ -185,3 +187,19 @@ def test_settings_out_of_range_are_refused_before_any_work():
         with pytest.raises(UserError, match=key):
             train.validate_settings(dict(good, **{key: bad}))
     assert os.environ.get("RANK") is None
+
+
+@pytest.mark.parametrize("scaler_enabled", [False, True])
+def test_a_non_finite_loss_stops_a_run_but_is_a_skipped_step_under_the_grad_scaler(stream, scaler_enabled):
+    model, optimizer, scaler = make_run(stream, scaler_enabled=scaler_enabled)
+    with torch.no_grad():  # logits overflow to inf: the float16 picture, where 65504 is the largest number
+        model.transformer.ln_f.weight.fill_(1e30)
+        model.transformer.wte.weight.mul_(1e30)
+    if not scaler_enabled:
+        with pytest.raises(UserError, match="loss became nan at step 0"):
+            step(model, optimizer, scaler, stream)
+        return
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss, _, _, skipped = step(model, optimizer, scaler, stream)
+    assert skipped and not math.isfinite(loss)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
