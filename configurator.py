@@ -71,7 +71,8 @@ def apply_overrides(namespace: dict, args: list[str], nullable: Collection[str] 
                 else:
                     namespace.pop("__file__", None)
             for k in list(namespace):
-                if k not in existing and not k.startswith("_") and not callable(namespace[k]) and not isinstance(namespace[k], types.ModuleType):
+                value = namespace[k]
+                if k not in existing and not k.startswith("_") and not callable(value) and not isinstance(value, types.ModuleType):
                     raise UserError(f"config file {arg} sets unknown key {k!r}{_closest(k, keys)}")
             for k in keys:
                 if namespace[k] is not before[k]:

@@ -8,13 +8,15 @@ Samples from a trained model (--init_from=resume reads out_dir/ckpt.pt) or from 
 
 import os
 import sys
+import math
 import time
 
 import torch
 
-from model import ConfigError, validate_sampling
+from model import ConfigError, GPT2_NAMES, validate_sampling
 from configurator import apply_overrides
-from common import UserError, run_main, pick_device, pick_dtype, autocast_context, load_model, get_tokenizer
+from common import (UserError, run_main, pick_device, pick_dtype, autocast_context, load_model, get_tokenizer,
+                    is_pretrained_source)
 
 # -----------------------------------------------------------------------------
 init_from = "resume"  # 'resume' (from out_dir) | 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' | a local HF directory
@@ -34,28 +36,56 @@ beyond_block_size = False  # with rope, keep generating past block_size instead 
 # -----------------------------------------------------------------------------
 
 
-def main():
-    apply_overrides(globals(), sys.argv[1:], nullable={"top_k"})
+def check_settings() -> tuple[str, str]:
+    """Every setting against its range before any work: a value outside it is one line that names the
+    key and the range. Returns the device and dtype to run in."""
+    if init_from == "scratch":
+        raise UserError("sample.py needs a trained model: use --init_from=resume (with --out_dir), a GPT-2 name or a folder")
+    if init_from != "resume" and not is_pretrained_source(init_from):
+        raise UserError(f"init_from must be resume, one of {', '.join(GPT2_NAMES)} or an existing folder in the "
+                        f"Hugging Face format, got {init_from!r}")
+    if num_samples < 1:
+        raise UserError(f"num_samples must be an integer >= 1, got {num_samples}")
+    if not 0 <= seed < 2**64:
+        raise UserError(f"seed must be an integer in 0 .. 2**64 - 1, got {seed}")
+    if not math.isfinite(temperature):
+        raise UserError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))):
+        raise UserError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
     try:
         validate_sampling(max_new_tokens, temperature, top_k, top_p)
     except ConfigError as e:
         raise UserError(str(e)) from None
-    if num_samples < 1:
-        raise UserError(f"num_samples must be >= 1, got {num_samples}")
+    if stream is not None and not isinstance(stream, bool):
+        raise UserError(f"stream must be True, False or None (None: on when writing to a terminal), got {stream!r}")
     dev = pick_device(device)
-    ctx = autocast_context(dev, pick_dtype(dtype, dev))
-    torch.manual_seed(seed)
+    return dev, pick_dtype(dtype, dev)
+
+
+def read_prompt() -> str:
+    """The prompt text: --start itself, or the contents of the file named by --start=FILE:path."""
+    if not start.startswith("FILE:"):
+        return start
+    path = start[5:]
+    if not os.path.isfile(path):
+        raise UserError(f"prompt file {path!r} (start=FILE:{path}) does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"prompt file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"cannot read prompt file {path}: {e.strerror or e}") from None
+
+
+def main():
+    apply_overrides(globals(), sys.argv[1:], nullable={"top_k"})
+    dev, dtype_name = check_settings()
+    ctx = autocast_context(dev, dtype_name)
     # read the prompt before loading the model: a missing file is then reported at once, and
     # alone on stderr (loading a Hugging Face checkpoint prints progress bars there)
-    prompt = start
-    if prompt.startswith("FILE:"):
-        path = prompt[5:]
-        if not os.path.isfile(path):
-            raise UserError(f"prompt file {path} does not exist")
-        with open(path, encoding="utf-8") as f:
-            prompt = f.read()
-    if init_from == "scratch":
-        raise UserError("sample.py needs a trained model: use --init_from=resume (with --out_dir), a GPT-2 name or a folder")
+    prompt = read_prompt()
+    torch.manual_seed(seed)
     loaded = load_model(init_from, out_dir, overrides=dict(dropout=0.0))
     model, chars = loaded.model.to(dev).eval(), loaded.chars
     encode, decode, start_ids = get_tokenizer(chars)

@@ -2,6 +2,7 @@
 
 import os
 import sys
+import json
 import shutil
 import subprocess
 
@@ -59,3 +60,54 @@ def run_script(*args, env=None, timeout=600, check=False):
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+# -----------------------------------------------------------------------------
+# helpers shared by the test files
+
+# a train.py run small enough for a test on 2 CPU cores, every setting explicit so that tuning a config
+# file cannot change a test; append --data_root, --out_dir and whatever the test varies (later ones win)
+TINY_TRAIN_ARGS = ["train.py", "--dataset=shakespeare_char", "--device=cpu", "--dtype=float32", "--compile=False",
+                   "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--dropout=0.0",
+                   "--batch_size=4", "--gradient_accumulation_steps=1",
+                   "--learning_rate=1e-3", "--min_lr=1e-4", "--beta2=0.99", "--warmup_iters=5",
+                   "--max_iters=10", "--lr_decay_iters=10",
+                   "--eval_interval=5", "--eval_iters=2", "--log_interval=1", "--always_save_checkpoint=False"]
+
+
+def read_metrics(out_dir):
+    """Every record of out_dir/metrics.jsonl, in order (each line must be one JSON object)."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_user_error(result, *fragments):
+    """A user error as the project reports it: exit 1, no traceback, exactly one line on stderr, holding
+    every fragment. Returns that line."""
+    assert result.returncode == 1, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def tiny_model(seed=0, scale=0.2, **overrides):
+    """A tiny GPT (vocabulary 64, block 32, 2 layers, 4 heads, 32 wide; overrides change any GPTConfig
+    field) in eval mode, with large random weights: GPT's own init makes attention nearly uniform and
+    greedy decoding repeat one token, which would hide a wrong mask or a broken cache. Biases and
+    LayerNorm gains are random too."""
+    import torch
+    from model import GPT, GPTConfig
+    config = dict(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=32)
+    config.update(overrides)
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**config)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln_" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(scale * torch.randn_like(p))
+    return model

@@ -12,6 +12,7 @@ import torch
 
 import model as M
 from model import GPT, GPTConfig
+from conftest import tiny_model
 
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb, rotate_half
@@ -85,22 +86,6 @@ def reference_forward(model, idx, rope, n_head, n_kv_head, windows, theta=10000.
     return x @ sd["transformer.wte.weight"].t()
 
 
-def tiny_model(seed=0, scale=0.2, **kw):
-    """A tiny model with large random weights (the default init makes attention nearly uniform,
-    which would hide a wrong mask), biases and LayerNorm gains included."""
-    cfg = dict(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=32)
-    cfg.update(kw)
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**cfg)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ("ln_" in name) and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(scale * torch.randn_like(p))
-    return model
-
-
 def logits_of(model, idx):
     with torch.no_grad():
         return model(idx)[0]
@@ -136,7 +121,6 @@ def test_model_flex_impl_matches_reference_forward():
     model.set_attention_impl("flex")
     idx = torch.randint(0, 64, (1, 20), generator=torch.Generator().manual_seed(0))
     ref = reference_forward(model, idx, True, 4, 2, [3, None])
-    flex_or_skip()
     torch.testing.assert_close(logits_of(model, idx), ref, atol=1e-5, rtol=0)
 
 
@@ -220,29 +204,21 @@ def test_window_one_is_identity_on_values():
     torch.testing.assert_close(M.dense_attention(q, k, v, 1), expected, atol=1e-6, rtol=0)
 
 
-def flex_or_skip():
-    try:
-        q, k, v, _ = qkv(2, 2, 8)
-        with torch.no_grad():
-            M.flex_window_attention(q, k, v, 3)
-    except Exception as e:
-        pytest.skip(f"flex_attention cannot run on CPU in this torch: {type(e).__name__}: {e}")
-
-
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("H, Hkv, T, window, block", KERNEL_CASES[:5])
 def test_flex_window_attention_forward_matches_naive(H, Hkv, T, window, block):
-    flex_or_skip()
     assert_kernel_matches(lambda q, k, v: M.flex_window_attention(q, k, v, window), H, Hkv, T, window, backward=False)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_window_attention_backward_matches_naive():
-    flex_or_skip()
     q, k, v, grad = qkv(4, 2, 37)
     try:
         forward_backward(lambda a, b, c: M.flex_window_attention(a, b, c, 5), q, k, v, grad)
     except NotImplementedError as e:
+        # the one known gap: PyTorch's FlexAttention has no backward on CPU; any other failure fails
+        if q.device.type != "cpu" or "does not support backward on CPU" not in str(e):
+            raise
         pytest.skip(f"FlexAttention backward is not implemented on CPU in this torch ({e})")
     assert_kernel_matches(lambda a, b, c: M.flex_window_attention(a, b, c, 5), 4, 2, 37, 5)
 
@@ -381,13 +357,27 @@ def test_gqa_param_count(rope, n_kv_head):
     assert model.get_num_params() == expected_param_count(64, 32, 3, 4, n_kv_head, 32, rope)
 
 
-def test_n_kv_head_equal_to_n_head_is_mha():
-    a = tiny_model(n_kv_head=None)
-    b = tiny_model(n_kv_head=4)
-    sa, sb = a.state_dict(), b.state_dict()
-    assert list(sa) == list(sb)
-    assert all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
+@pytest.mark.parametrize("n_kv_head", [None, 4])
+def test_n_kv_head_equal_to_n_head_is_gpt2_mha(n_kv_head):
+    """n_kv_head == n_head (given, or by default) is GPT-2's multi-head attention: the state dict has
+    transformers' GPT2LMHeadModel's names and shapes one to one (its Conv1D weights transposed), and
+    GPT2LMHeadModel holding those weights computes the same logits."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    model = tiny_model(n_kv_head=n_kv_head)
+    assert model.config.n_kv_head == 4
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+                                    eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                    attn_implementation="eager")).eval()
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    ours = {k: v.t() if k.endswith(conv1d) else v for k, v in model.state_dict().items()}
+    theirs = hf.state_dict()
+    assert set(ours) == set(theirs)
+    assert all(ours[k].shape == theirs[k].shape for k in ours)
+    hf.load_state_dict(ours)
     idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(logits_of(a, idx), logits_of(b, idx))
-    # and a GQA model's c_attn is narrower
+    with torch.no_grad():
+        ref = hf(idx).logits
+    assert ref.std() > 0.5
+    torch.testing.assert_close(logits_of(model, idx), ref, atol=1e-5, rtol=0)
+    # and a GQA model's c_attn is narrower: n_head query heads, then n_kv_head key and value heads
     assert tiny_model(n_kv_head=2).transformer.h[0].attn.c_attn.weight.shape == ((4 + 2 * 2) * 8, 32)

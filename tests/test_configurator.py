@@ -1,10 +1,13 @@
 """configurator.apply_overrides: --key=value and config files over a script's module-level settings."""
 
+import os
+import runpy
+
 import pytest
 
 from common import UserError
 from configurator import apply_overrides
-from conftest import run_script
+from conftest import REPO, assert_user_error, run_script
 
 
 def settings(**extra):
@@ -183,20 +186,71 @@ def test_config_file_wrong_type(tmp_path):
 # through a real script
 
 def test_train_py_unknown_key_is_one_line():
-    result = run_script("train.py", "--n_layr=2", timeout=120)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "n_layer" in lines[0] and "n_layr" in lines[0]
+    assert_user_error(run_script("train.py", "--n_layr=2", timeout=120), "n_layer", "n_layr")
 
 
 def test_train_py_missing_config_file(tmp_path):
     result = run_script("train.py", str(tmp_path / "config_that_is_not_there.py"), f"--out_dir={tmp_path / 'out'}", timeout=120)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and "does not exist" in result.stderr
+    assert_user_error(result, "does not exist")
     assert not (tmp_path / "out").exists()
+
+
+# -----------------------------------------------------------------------------
+# a config that builds on another finds it next to itself, from any working directory
+
+def test_config_file_sees_its_own_path(tmp_path, monkeypatch):
+    configs, elsewhere = tmp_path / "configs", tmp_path / "elsewhere"
+    configs.mkdir()
+    elsewhere.mkdir()
+    (configs / "base.py").write_text("n_layer = 3\n")
+    config_file(configs, "import os\nexec(open(os.path.join(os.path.dirname(__file__), 'base.py')).read())\n"
+                         "out_dir = os.path.basename(__file__)\n", name="child.py")
+    monkeypatch.chdir(elsewhere)
+    ns = settings(__file__="/the/script.py")
+    apply_overrides(ns, [os.path.join("..", "configs", "child.py")])  # a relative path works too
+    assert ns["n_layer"] == 3 and ns["out_dir"] == "child.py"
+    assert ns["__file__"] == "/the/script.py"  # the script's own __file__ is back
+    ns = settings()
+    apply_overrides(ns, [str(configs / "child.py")])
+    assert "__file__" not in ns  # and none is left where there was none
+    ns = settings(__file__="/the/script.py")
+    with pytest.raises(UserError, match="ZeroDivisionError"):
+        apply_overrides(ns, [config_file(configs, "n_layer = 1 / 0\n", name="bad.py")])
+    assert ns["__file__"] == "/the/script.py"  # also after a config that fails
+
+
+# config -> the settings it must give on a CPU and on a GPU (GPU-sized: 6 x 384, block 256)
+BPE_CONFIGS = {
+    "train_shakespeare.py": ({}, {}),
+    "train_rope.py": (dict(rope=True), dict(rope=True)),
+    "train_gqa.py": (dict(n_kv_head=2), dict(n_kv_head=2)),
+    "train_window.py": (dict(window=16), dict(window=64)),
+    "train_rope_gqa_window.py": (dict(rope=True, n_kv_head=2, window=(16, 16, 16, None)),
+                                 dict(rope=True, n_kv_head=2, window=(64, 64, 64, 64, 64, None))),
+}
+
+
+@pytest.fixture(scope="module")
+def train_defaults():
+    """train.py's settings with their defaults, from its own module-level code (main() does not run)."""
+    return runpy.run_path(os.path.join(REPO, "train.py"), run_name="train_defaults")
+
+
+@pytest.mark.parametrize("cuda", [False, True], ids=["cpu", "cuda"])
+@pytest.mark.parametrize("name", list(BPE_CONFIGS))
+def test_variant_configs_train_on_bpe_shakespeare_from_any_directory(train_defaults, tmp_path, monkeypatch, name, cuda):
+    import torch
+    from model import GPTConfig, PADDED_GPT2_VOCAB_SIZE
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)  # the configs size the model for the device
+    monkeypatch.chdir(tmp_path)
+    ns = dict(train_defaults)
+    config = apply_overrides(ns, [os.path.join(REPO, "config", name)])
+    assert config["dataset"] == "shakespeare"  # what python data/shakespeare/prepare.py writes
+    sizes = dict(n_layer=6, n_embd=384, block_size=256) if cuda else dict(n_layer=4, n_embd=128, block_size=64)
+    flags = dict(dict(rope=False, n_kv_head=None, window=None), **BPE_CONFIGS[name][cuda])
+    assert {k: config[k] for k in [*sizes, *flags]} == {**sizes, **flags}
+    # a model these settings describe is valid (heads divide, rope's head size is even)
+    GPTConfig(**{k: config[k] for k in ns["MODEL_SETTINGS"]}, vocab_size=PADDED_GPT2_VOCAB_SIZE)
 
 
 def test_none_only_where_a_setting_can_be_switched_off():

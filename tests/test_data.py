@@ -1,7 +1,6 @@
 """The data preparation scripts: exact token streams, checked against independent encodings of the text."""
 
 import os
-import sys
 import json
 import shutil
 import importlib.util
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 import tiktoken
 
-from conftest import REPO, shakespeare_input, run_script
+from conftest import REPO, run_script, assert_user_error
 
 TINY_SHAKESPEARE_CHARS = 1_115_394
 
@@ -73,7 +72,18 @@ def test_shakespeare_bpe_bins(data_root):
 
 
 # -----------------------------------------------------------------------------
-# no input.txt and no network: one line, no traceback, nothing written
+# input.txt missing (and no network) or unusable: one line, no traceback, nothing written
+
+def copy_prepare_scripts(root):
+    for folder in ("shakespeare_char", "shakespeare"):  # shakespeare's prepare.py imports its sibling's
+        (root / folder).mkdir()
+        shutil.copy(os.path.join(REPO, "data", folder, "prepare.py"), root / folder / "prepare.py")
+
+
+def folder_state(folder):
+    """Name -> bytes of every file in folder: to prove a failing run wrote nothing."""
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
 
 # runs a prepare.py as __main__ with requests.get failing as it does offline
 OFFLINE_RUNNER = """
@@ -87,16 +97,60 @@ runpy.run_path(sys.argv[1], run_name="__main__")
 
 @pytest.mark.parametrize("name", ["shakespeare_char", "shakespeare"])
 def test_prepare_offline_without_input(tmp_path, name):
-    for folder in ("shakespeare_char", "shakespeare"):  # shakespeare's prepare.py imports its sibling's
-        (tmp_path / folder).mkdir()
-        shutil.copy(os.path.join(REPO, "data", folder, "prepare.py"), tmp_path / folder / "prepare.py")
+    copy_prepare_scripts(tmp_path)
     result = run_script("-c", OFFLINE_RUNNER, str(tmp_path / name / "prepare.py"), timeout=120)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:") and "input.txt" in lines[0] and "download" in lines[0]
+    line = assert_user_error(result, "input.txt", "download")
+    assert line.startswith("error:")
     assert sorted(os.listdir(tmp_path / name)) == ["prepare.py"]  # no bins, no meta.json, no empty input.txt
+
+
+# text that cannot give a train and a val part: empty, only whitespace, one character; and bytes that are not UTF-8
+DEGENERATE_INPUTS = {
+    "empty": (b"", ["input.txt", "empty"]),
+    "whitespace": (b" \n\t\n  \n", ["input.txt", "whitespace"]),
+    "one character": (b"A", ["input.txt", "1 character", "split"]),
+    "not utf-8": (b"To be\xff\xfe or not", ["input.txt", "UTF-8"]),
+}
+
+
+@pytest.mark.parametrize("case", list(DEGENERATE_INPUTS))
+@pytest.mark.parametrize("name", ["shakespeare_char", "shakespeare"])
+def test_prepare_degenerate_input_is_one_line_and_writes_nothing(tmp_path, name, case):
+    content, fragments = DEGENERATE_INPUTS[case]
+    copy_prepare_scripts(tmp_path)
+    folder = tmp_path / name
+    (folder / "input.txt").write_bytes(content)
+    # bins and meta.json of an earlier, good run stay as they were
+    (folder / "train.bin").write_bytes(b"\x01\x00" * 8)
+    (folder / "val.bin").write_bytes(b"\x02\x00" * 2)
+    if name == "shakespeare_char":
+        (folder / "meta.json").write_text('{"vocab_size": 3, "itos": {"0": "a", "1": "b", "2": "c"}}')
+    before = folder_state(folder)
+    line = assert_user_error(run_script(str(folder / "prepare.py"), timeout=120), *fragments)
+    assert line.startswith("error:")
+    assert folder_state(folder) == before
+    # and from an empty folder but for input.txt: no bin, no meta.json
+    for stale in ("train.bin", "val.bin", "meta.json"):
+        if (folder / stale).exists():
+            (folder / stale).unlink()
+    assert_user_error(run_script(str(folder / "prepare.py"), timeout=120), *fragments)
+    assert sorted(os.listdir(folder)) == ["input.txt", "prepare.py"]
+
+
+@pytest.mark.parametrize("name", ["shakespeare_char", "shakespeare"])
+def test_prepare_smallest_input_that_splits(tmp_path, name):
+    # two characters: one for train, one for val
+    copy_prepare_scripts(tmp_path)
+    folder = tmp_path / name
+    (folder / "input.txt").write_text("ab", encoding="utf-8")
+    run_script(str(folder / "prepare.py"), timeout=120, check=True)
+    train = np.fromfile(folder / "train.bin", dtype=np.uint16).tolist()
+    val = np.fromfile(folder / "val.bin", dtype=np.uint16).tolist()
+    if name == "shakespeare_char":
+        assert (train, val) == ([0], [1])
+    else:
+        enc = tiktoken.get_encoding("gpt2")
+        assert (train, val) == (enc.encode_ordinary("a"), enc.encode_ordinary("b"))
 
 
 def test_fetch_input_offline_in_process(tmp_path, monkeypatch):

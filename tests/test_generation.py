@@ -9,29 +9,14 @@ import pytest
 import torch
 
 import model as M
-from model import GPT, GPTConfig, KVCache, sample_next_token, validate_sampling
+from model import GPTConfig, KVCache, sample_next_token, validate_sampling
+from conftest import tiny_model
 
-V = 64
+V = 64  # the vocabulary of conftest.tiny_model
 ROPE = [False, True]
 KV = [None, 2, 1]
 WINDOWS = [None, 3, 6, (2, None), (None, 5)]  # 6: a prompt shorter than the window, filled then rolled
 COMBOS = list(itertools.product(ROPE, KV, WINDOWS))
-
-
-def tiny_model(seed=0, **kw):
-    """Tiny model with large random weights so that attention is far from uniform and greedy
-    decoding does not collapse onto one token."""
-    cfg = dict(block_size=32, vocab_size=V, n_layer=2, n_head=4, n_embd=32)
-    cfg.update(kw)
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**cfg)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ln_" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(0.2 * torch.randn_like(p))
-    return model
 
 
 def tokens(B, T, seed=0):
@@ -225,13 +210,23 @@ def test_sampled_generate_cached_equals_uncached_with_seeded_generator():
     assert outs[0].tolist() == outs[1].tolist()
 
 
-def test_generate_stream_yields_what_generate_returns():
-    model = tiny_model(window=3)
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_stream_yields_greedy_tokens_one_at_a_time(use_cache):
+    # the reference: a greedy loop over the uncached forward, written here
+    model = tiny_model(seed=1, window=3)
     prompt = tokens(2, 4)
-    streamed = list(model.generate_stream(prompt, 7, temperature=0))
-    assert len(streamed) == 7 and all(t.shape == (2, 1) for t in streamed)
-    assert torch.equal(torch.cat([prompt] + streamed, dim=1), model.generate(prompt, 7, temperature=0))
-    assert torch.equal(model.generate(prompt, 0), prompt)
+    expected = prompt
+    for _ in range(7):
+        expected = torch.cat([expected, full_logits(model, expected)[:, -1:].argmax(-1)], dim=1)
+    assert all(len(set(row[4:].tolist())) > 3 for row in expected)  # varied: a stale or repeated token would show
+    stream = model.generate_stream(prompt, 7, temperature=0, use_cache=use_cache)
+    first = next(stream)  # a token comes out before the rest are computed
+    assert first.shape == (2, 1) and torch.equal(first, expected[:, 4:5])
+    rest = list(stream)
+    assert len(rest) == 6 and all(t.shape == (2, 1) for t in rest)
+    assert torch.equal(torch.cat([prompt, first] + rest, dim=1), expected)
+    assert torch.equal(model.generate(prompt, 7, temperature=0, use_cache=use_cache), expected)
+    assert list(model.generate_stream(prompt, 0)) == [] and torch.equal(model.generate(prompt, 0), prompt)
 
 
 # -----------------------------------------------------------------------------
@@ -348,15 +343,43 @@ def test_generate_empty_prompt_raises():
         tiny_model().generate(torch.zeros(1, 0, dtype=torch.long), 5)
 
 
+# bf16 logits of this model are ~3 in size: one rounding step is ~0.016, a cache that drops or garbles
+# positions is off by 2 or more
+BF16_ATOL = 0.1
+
+
 @pytest.mark.parametrize("window", [None, 4])
-def test_cached_generation_under_bf16_autocast(window):
-    """Under autocast keys/values are bf16: the cache holds them as such (a rolling prefill longer than
-    the window included), and greedy output equals the uncached path's."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=32, rope=True,
-                          n_kv_head=2, window=window)).eval()
-    prompt = torch.randint(0, 64, (1, 10))
+def test_cached_generation_under_bf16_autocast(window, monkeypatch):
+    """Under bf16 autocast keys and values are bf16: the cache holds them as such (a rolling prefill
+    longer than the window included), and each cached step matches the uncached forward at that
+    position within bf16 rounding."""
+    model = tiny_model(rope=True, n_kv_head=2, window=window)
+    idx = tokens(1, 22)
+    cache = KVCache(model.config, 1, 22, "cpu", torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx[:, :10], kv_cache=cache)
+        for t in range(10, 22):
+            step = model(idx[:, t:t + 1], kv_cache=cache)[0][:, -1].float()
+            full = model(idx[:, :t + 1])[0][:, -1].float()
+            torch.testing.assert_close(step, full, atol=BF16_ATOL, rtol=0, msg=lambda m: f"position {t}: {m}")
+
+    # generate() under autocast makes its cache bf16, and every token it picks greedily is the argmax of
+    # the uncached forward up to bf16 rounding (exact equality would hang on near-ties)
+    made = []
+
+    class Recording(KVCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(M, "KVCache", Recording)
+    prompt = idx[:, :10]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        cached = model.generate(prompt, 12, temperature=0, use_cache=True)
-        uncached = model.generate(prompt, 12, temperature=0, use_cache=False)
-    assert torch.equal(cached, uncached)
+        out = model.generate(prompt, 12, temperature=0, use_cache=True)
+        with torch.no_grad():
+            logits = model(out[:, :-1])[0][0, 9:].float()  # the uncached logits that chose tokens 10..21
+    assert len(made) == 1
+    assert all(t.dtype == torch.bfloat16 for t in made[0].keys + made[0].values)
+    chosen = logits.gather(-1, out[0, 10:, None])[:, 0]
+    assert (chosen >= logits.max(-1).values - BF16_ATOL).all(), (chosen, logits.max(-1).values)
+    assert len(set(out[0, 10:].tolist())) > 3  # a varied continuation, not one repeated token

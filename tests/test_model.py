@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import SHARED
+from conftest import SHARED, tiny_model
 from model import GPT, GPTConfig, load_model_state
 from common import estimate_mfu
 
@@ -266,12 +266,18 @@ def test_gqa_conversion_is_group_mean(tiny_checkpoint):
     assert (logits - hf_logits(hf, idx)).abs().max() > 1e-3
 
 
-def test_n_kv_head_equal_to_n_head_is_plain_load(tiny_checkpoint):
-    folder, _ = tiny_checkpoint
-    plain = GPT.from_pretrained(folder)
-    same = GPT.from_pretrained(folder, override_args=dict(n_kv_head=4))
-    for (k1, v1), (k2, v2) in zip(plain.state_dict().items(), same.state_dict().items()):
-        assert k1 == k2 and torch.equal(v1, v2)
+def test_n_kv_head_equal_to_n_head_loads_gpt2_unchanged(tiny_checkpoint):
+    # nothing pooled: every tensor is the checkpoint's own (Conv1D weights transposed), and the logits are
+    # transformers' GPT-2's
+    folder, hf = tiny_checkpoint
+    model = GPT.from_pretrained(folder, override_args=dict(n_kv_head=4))
+    assert model.config.n_kv_head == 4
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    theirs = hf.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, theirs[name].t() if name.endswith(conv1d) else theirs[name]), name
+    idx = prompt_ids(folder)
+    torch.testing.assert_close(our_logits(model, idx), hf_logits(hf, idx), atol=1e-4, rtol=0)
 
 
 # -----------------------------------------------------------------------------
@@ -312,13 +318,8 @@ def test_config_valid_forms():
 # -----------------------------------------------------------------------------
 # training helpers
 
-def small_model(**kw):
-    torch.manual_seed(0)
-    return GPT(GPTConfig(**{**dict(block_size=32, vocab_size=96, n_layer=2, n_head=4, n_embd=32), **kw}))
-
-
 def test_configure_optimizers_decays_only_matrices_each_param_once():
-    model = small_model()
+    model = tiny_model()
     opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), device_type="cpu")
     decay = [g for g in opt.param_groups if g["weight_decay"] == 0.1]
     no_decay = [g for g in opt.param_groups if g["weight_decay"] == 0.0]
@@ -335,26 +336,26 @@ def test_configure_optimizers_decays_only_matrices_each_param_once():
 
 
 def test_estimate_mfu_is_none_on_cpu():
-    model = small_model()
+    model = tiny_model()
     assert estimate_mfu(model, 32, 1e5, device="cpu") is None
     if not torch.cuda.is_available():
         assert estimate_mfu(model, 32, 1e5) is None
 
 
 def test_flops_per_token_formula():
-    model = small_model()
+    model = tiny_model()
     L, H, D, T = 2, 4, 8, 32
     # N: every weight but the position table, counted once (lm_head is tied)
     N = sum(p.numel() for p in model.parameters()) - 32 * 32
     assert model.flops_per_token(T) == 6 * N + 12 * L * H * D * T
     # a window caps the context a query attends to; a global layer keeps T
-    windowed = small_model(window=(4, None))
+    windowed = tiny_model(window=(4, None))
     assert windowed.flops_per_token(T) == 6 * N + 12 * H * D * (4 + T)
 
 
 def test_load_model_state_names_mismatches():
-    model = small_model()
-    other = small_model(n_kv_head=2)
+    model = tiny_model()
+    other = tiny_model(n_kv_head=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError) as info:
         load_model_state(model, other.state_dict())
@@ -366,7 +367,7 @@ def test_load_model_state_names_mismatches():
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), "a failed load must not change the model"
     # missing and unexpected names are listed too
-    sd = small_model().state_dict()
+    sd = tiny_model().state_dict()
     sd.pop("transformer.ln_f.bias")
     sd["transformer.extra.weight"] = torch.zeros(1)
     with pytest.raises(ValueError) as info:
@@ -375,7 +376,7 @@ def test_load_model_state_names_mismatches():
 
 
 def test_load_model_state_strips_compile_and_ddp_prefixes():
-    model, source = small_model(), small_model(n_layer=2)
+    model, source = tiny_model(), tiny_model(n_layer=2)
     with torch.no_grad():
         for p in source.parameters():
             p.add_(1.0)

@@ -175,32 +175,6 @@ def test_sample_hf_directory(hf_dir):
     assert "10 tokens" in result.stderr
 
 
-def test_sample_prompt_file_with_and_without_cache(hf_dir, tmp_path):
-    prompt = "Once upon a time,\nthere was"
-    path = tmp_path / "prompt.txt"
-    path.write_text(prompt, encoding="utf-8")
-    # prompt + 40 tokens stay within the 64 positions: past them the cached path slides its context by
-    # half a block at a time and the uncached one token at a time, so they may (by design) differ there
-    common = [f"--init_from={hf_dir}", f"--start=FILE:{path}", "--max_new_tokens=40", "--num_samples=1",
-              "--temperature=0", "--stream=False"]
-    cached = sample(*common, "--use_cache=True")
-    uncached = sample(*common, "--use_cache=False")
-    assert cached.stdout.startswith(prompt)
-    assert uncached.stdout == cached.stdout  # the KV cache changes the speed, not the tokens
-    assert "40 tokens" in cached.stderr and "without KV cache" in uncached.stderr and "with KV cache" in cached.stderr
-
-
-def test_sample_prompt_file_missing(hf_dir, tmp_path):
-    result = sample(f"--init_from={hf_dir}", f"--start=FILE:{tmp_path / 'nope.txt'}", "--max_new_tokens=2", check=False)
-    assert_user_error(result, "nope.txt")
-
-
-@pytest.mark.parametrize("arg, name", [("--top_p=1.5", "top_p"), ("--max_new_tokens=-1", "max_new_tokens"),
-                                       ("--top_k=0", "top_k"), ("--num_samples=0", "num_samples")])
-def test_sample_bad_arguments(hf_dir, arg, name):
-    assert_user_error(sample(f"--init_from={hf_dir}", arg, check=False), name)
-
-
 def test_sample_gpt2_offline(tmp_path):
     # an empty hub cache and offline mode: as on a machine that never downloaded GPT-2 and has no network
     env = script_env(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")

@@ -10,18 +10,16 @@ import numpy as np
 import tiktoken
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shakespeare_char"))
-from prepare import fetch_input  # one download routine for both Shakespeare datasets
+from prepare import read_splits  # one download routine and one 90/10 split for both Shakespeare datasets
 
 
 def main(folder=os.path.dirname(os.path.abspath(__file__))):
-    with open(fetch_input(folder), encoding="utf-8") as f:
-        text = f.read()
-    n = len(text)
+    splits = read_splits(folder)
     enc = tiktoken.get_encoding("gpt2")
-    for split, part in (("train", text[:int(n * 0.9)]), ("val", text[int(n * 0.9):])):
-        ids = np.array(enc.encode_ordinary(part), dtype=np.uint16)
-        ids.tofile(os.path.join(folder, f"{split}.bin"))
-        print(f"{split}: {len(ids):,} tokens")
+    ids = {split: np.array(enc.encode_ordinary(part), dtype=np.uint16) for split, part in splits.items()}
+    for split in ("train", "val"):  # encoded both before writing either
+        ids[split].tofile(os.path.join(folder, f"{split}.bin"))
+        print(f"{split}: {len(ids[split]):,} tokens")
 
 
 if __name__ == "__main__":

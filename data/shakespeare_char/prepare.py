@@ -29,13 +29,29 @@ def fetch_input(folder):
     return path
 
 
-def main(folder=os.path.dirname(os.path.abspath(__file__))):
-    with open(fetch_input(folder), encoding="utf-8") as f:
-        text = f.read()
-    chars = sorted(set(text))
-    stoi = {ch: i for i, ch in enumerate(chars)}
+def read_splits(folder):
+    """input.txt of folder (downloaded first when missing), cut 90/10 into {"train": ..., "val": ...}.
+    Text that cannot give both parts is an error here, before anything is written."""
+    path = fetch_input(folder)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        sys.exit(f"error: {path} is not UTF-8 text ({e.reason} at byte {e.start}); put tiny Shakespeare's input.txt there")
+    if not text.strip():
+        sys.exit(f"error: {path} is {'only whitespace' if text else 'empty'}; put tiny Shakespeare's input.txt "
+                 f"from {DATA_URL} there")
     n = len(text)
     splits = {"train": text[:int(n * 0.9)], "val": text[int(n * 0.9):]}
+    if not all(splits.values()):
+        sys.exit(f"error: {path} has {n} character(s), too few to split 90/10 into train and val text")
+    return splits
+
+
+def main(folder=os.path.dirname(os.path.abspath(__file__))):
+    splits = read_splits(folder)
+    chars = sorted(set(splits["train"] + splits["val"]))
+    stoi = {ch: i for i, ch in enumerate(chars)}
     for split, part in splits.items():
         ids = np.array([stoi[ch] for ch in part], dtype=np.uint16)
         ids.tofile(os.path.join(folder, f"{split}.bin"))
@@ -43,7 +59,7 @@ def main(folder=os.path.dirname(os.path.abspath(__file__))):
     meta = dict(vocab_size=len(chars), itos={i: ch for i, ch in enumerate(chars)}, stoi=stoi)
     with open(os.path.join(folder, "meta.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f)
-    print(f"{n:,} characters, vocabulary of {len(chars)}")
+    print(f"{sum(map(len, splits.values())):,} characters, vocabulary of {len(chars)}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,140 @@
+"""sample.py as a subprocess: every setting checked before any work, and generation from a Hugging Face
+GPT-2 folder against transformers' own greedy decoding, with and without the KV cache."""
+
+import os
+import sys
+import runpy
+
+import pytest
+import torch
+
+from common import UserError
+from conftest import REPO, assert_user_error, run_script
+
+SEPARATOR = "---------------"
+
+
+def sample(*args, check=True, timeout=300):
+    return run_script("sample.py", "--device=cpu", *args, check=check, timeout=timeout)
+
+
+# -----------------------------------------------------------------------------
+# every setting against its range, before any work
+
+# (argument, fragments of the one error line: the key and its range)
+BAD_SETTINGS = [
+    ("--num_samples=0", ["num_samples", ">= 1"]),
+    ("--num_samples=-2", ["num_samples", ">= 1"]),
+    ("--max_new_tokens=-1", ["max_new_tokens", "non-negative"]),
+    ("--max_new_tokens=2.5", ["max_new_tokens", "int"]),
+    ("--temperature=-0.5", ["temperature", ">= 0"]),
+    ("--temperature=1e999", ["temperature", "finite"]),
+    ("--top_k=0", ["top_k", ">= 1"]),
+    ("--top_k=-3", ["top_k", ">= 1"]),
+    ("--top_k=1.5", ["top_k", "int"]),
+    ("--top_p=0", ["top_p", "(0, 1]"]),
+    ("--top_p=1.5", ["top_p", "(0, 1]"]),
+    ("--top_p=-0.1", ["top_p", "(0, 1]"]),
+    ("--top_p=most", ["top_p", "(0, 1]"]),
+    ("--top_p=True", ["top_p", "(0, 1]"]),
+    ("--seed=-1", ["seed", "2**64"]),
+    ("--seed=18446744073709551616", ["seed", "2**64"]),
+    ("--seed=1.5", ["seed", "int"]),
+    ("--device=tpu", ["device", "cuda:N"]),
+    ("--device=cuda:first", ["device", "cuda:N"]),
+    ("--dtype=float64", ["dtype", "bfloat16"]),
+    ("--dtype=float16", ["float16", "CPU"]),  # sample() runs with --device=cpu
+    ("--init_from=scratch", ["init_from=resume"]),
+    ("--init_from=gpt3", ["init_from", "gpt2-medium", "folder"]),
+    ("--init_from=no/such/folder", ["init_from", "no/such/folder"]),
+    ("--start=FILE:no_such_prompt.txt", ["no_such_prompt.txt", "does not exist"]),
+    ("--stream=yes", ["stream", "True, False or None"]),
+    ("--stream=1", ["stream", "True, False or None"]),
+    ("--use_cache=1", ["use_cache", "True or False"]),
+    ("--num_sample=2", ["num_sample", "--num_samples"]),
+]
+
+
+def run_main_in_process(monkeypatch, *args):
+    """sample.py's main() with these arguments, in a fresh copy of its namespace (no interpreter start-up)."""
+    namespace = runpy.run_path(os.path.join(REPO, "sample.py"), run_name="sample_under_test")
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--device=cpu", *args])
+    namespace["main"]()
+
+
+@pytest.mark.parametrize("arg, fragments", BAD_SETTINGS, ids=[a for a, _ in BAD_SETTINGS])
+def test_bad_setting_is_refused_before_any_work(monkeypatch, tmp_path, arg, fragments):
+    # out_dir has no checkpoint: an error about anything but the setting would mean work began first
+    with pytest.raises(UserError) as info:
+        run_main_in_process(monkeypatch, f"--out_dir={tmp_path}", arg)
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+    assert list(tmp_path.iterdir()) == []
+
+
+# one per place a setting is checked: the configurator's types, the sampling ranges, sample.py's own
+# ranges, the device, the model source, the prompt file
+@pytest.mark.parametrize("arg", ["--max_new_tokens=2.5", "--top_p=1.5", "--seed=-1", "--stream=yes", "--device=tpu",
+                                 "--init_from=gpt3", "--start=FILE:no_such_prompt.txt"])
+def test_bad_setting_is_one_line_on_stderr(tmp_path, arg):
+    fragments = dict(BAD_SETTINGS)[arg]
+    result = sample(f"--out_dir={tmp_path}", arg, check=False)
+    assert_user_error(result, *fragments)
+    assert result.stdout == ""
+
+
+def test_prompt_file_that_is_not_utf8(monkeypatch, tmp_path):
+    path = tmp_path / "prompt.txt"
+    path.write_bytes(b"ROMEO\xff\xfe:")
+    with pytest.raises(UserError, match="prompt.txt is not UTF-8"):
+        run_main_in_process(monkeypatch, f"--out_dir={tmp_path}", f"--start=FILE:{path}")
+
+
+# -----------------------------------------------------------------------------
+# generation from a Hugging Face folder, against transformers
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny random GPT-2 in the Hugging Face format (nothing downloaded), with weights large enough
+    that greedy decoding walks through many different tokens: transformers' own init decodes one token
+    over and over, which a cache that ignored every earlier position would reproduce just as well."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_layer=2, n_head=2, n_embd=32)).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1.0 + 0.1 * noise if ".ln_" in name and name.endswith("weight") else 0.3 * noise)
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    hf.save_pretrained(path)
+    return str(path), hf
+
+
+def hf_greedy(hf, ids, steps):
+    """transformers' forward over the whole sequence at every step: the uncached reference."""
+    idx = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(steps):
+            idx = torch.cat([idx, hf(idx).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_greedy_sample_matches_transformers(hf_dir, tmp_path, use_cache):
+    import tiktoken
+    folder, hf = hf_dir
+    enc = tiktoken.get_encoding("gpt2")
+    prompt = "Once upon a time,\nthere was"
+    path = tmp_path / "prompt.txt"
+    path.write_text(prompt, encoding="utf-8")
+    ids = enc.encode(prompt)
+    new = hf_greedy(hf, ids, 40)  # prompt + 40 tokens stay within the 64 positions
+    assert len(set(new)) > 10, new  # a varied continuation: a cache that lost positions would show
+    result = sample(f"--init_from={folder}", f"--start=FILE:{path}", "--max_new_tokens=40", "--num_samples=1",
+                    "--temperature=0", "--stream=False", f"--use_cache={use_cache}")
+    assert result.stdout == prompt + enc.decode(new) + f"\n{SEPARATOR}\n"
+    assert "40 tokens" in result.stderr
+    assert ("with KV cache" if use_cache else "without KV cache") in result.stderr
