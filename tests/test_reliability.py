@@ -20,7 +20,7 @@ from conftest import REPO, TINY_TRAIN_ARGS, assert_user_error, read_metrics, run
 
 
 def train_args(data_root, out_dir, *extra):
-    return [*TINY_TRAIN_ARGS, "--always_save_checkpoint=True", f"--data_root={data_root}", f"--out_dir={out_dir}", *extra]
+    return [*TINY_TRAIN_ARGS, f"--data_root={data_root}", f"--out_dir={out_dir}", *extra]
 
 
 def losses(out_dir):
