@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import REPO, read_metrics, run_script, script_env
+from conftest import REPO, TINY_TRAIN_ARGS, read_metrics, run_script, script_env
 
 pytestmark = pytest.mark.slow  # every test launches torchrun (~10 s of start-up per launch on 2 cores)
 
@@ -18,10 +18,7 @@ pytestmark = pytest.mark.slow  # every test launches torchrun (~10 s of start-up
 # by all keys of a query), so its value is pure roundoff, which AdamW's normalisation then amplifies; one
 # process and two ranks add gradients in different orders, so that noise differs by ~1e-5 after 10 steps.
 # dropout on: each micro-batch's masks come from (seed, step, micro-batch), so the process that runs it does not matter
-TINY = ["--dataset=shakespeare_char", "--device=cpu", "--dtype=float32", "--n_layer=2", "--n_head=2", "--n_embd=32",
-        "--block_size=32", "--batch_size=2", "--eval_iters=3", "--log_interval=1", "--warmup_iters=2", "--compile=False",
-        "--bias=False", "--learning_rate=1e-3", "--lr_decay_iters=10", "--min_lr=1e-4", "--beta2=0.99", "--dropout=0.1",
-        "--always_save_checkpoint=False"]
+TINY = [*TINY_TRAIN_ARGS[1:], "--batch_size=2", "--eval_iters=3", "--warmup_iters=2", "--bias=False", "--dropout=0.1"]
 STEPS = 10
 
 
