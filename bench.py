@@ -1,56 +1,60 @@
 """
-Measures, never asserts. Three modes, all on synthetic data:
+Measures, never asserts timings. Three modes, all on synthetic data:
 
     python bench.py                         # training steps: tokens/s, ms/iter, MFU, peak memory
     python bench.py --mode=attention        # attention fwd+bwd time and memory against T: full vs windowed
     python bench.py --mode=generate         # generation tokens/s with and without the KV cache
+    python bench.py --mode=generate --vs_transformers=True --gen_batch_size=8
+                                            # the same random GPT-2 in transformers and here, side by side:
+                                            # greedy tokens checked identical, tokens/s of each and the ratio
 
-Model and run settings are --key=value as in train.py (configurator.py). Warm-up steps are timed
-separately and left out. Peak memory is the CUDA allocator's peak on GPU, and the process's peak
-resident set (VmHWM, reset before each measurement) on Linux CPUs.
+Model and run settings are --key=value as in train.py (configurator.py); every GPTConfig field is a
+setting of the same name. Each setting is checked against its range before any work. Warm-up runs are
+timed separately and left out. Peak memory is the CUDA allocator's peak on GPU, and the process's
+peak resident set (VmHWM, reset before each measurement) on Linux CPUs.
 """
 
+import os
 import sys
 import json
 import time
+import tempfile
+import statistics
+from dataclasses import fields
 
 import torch
 
-from model import GPT, GPTConfig, KVCache, causal_attention
+from model import GPTConfig, KVCache, ConfigError, causal_attention
 from configurator import apply_overrides
-from common import UserError, run_main, pick_device, pick_dtype, autocast_context, estimate_mfu
+from common import UserError, run_main, pick_device, pick_dtype, autocast_context, estimate_mfu, load_model
 
 # -----------------------------------------------------------------------------
 mode = "train"  # 'train' | 'attention' | 'generate'
-# model
-n_layer = 12
-n_head = 12
-n_embd = 768
-vocab_size = 50304
-block_size = 1024
-bias = True
-rope = False
-n_kv_head = None
-window = None
-attn_impl = "auto"
+# model: every GPTConfig field is a setting here, with GPTConfig's default (GPT-2 small, vocabulary padded to 50304):
+# n_layer, n_head, n_embd, block_size, vocab_size, dropout, bias, rope, rope_theta, n_kv_head, window, ...
+globals().update({f.name: f.default for f in fields(GPTConfig)})
+attn_impl = "auto"  # 'auto' | 'dense' | 'blocked' | 'flex' for windowed layers
 # train mode
 batch_size = 8
 seq_len = 0  # 0: block_size
 warmup_steps = 3
 steps = 10
 grad_checkpoint = False
-# attention mode: one layer's attention, GPT-2 small's heads
+# attention mode: one layer's attention, n_head heads of n_embd // n_head, batch 1
 seq_lens = (1024, 2048, 4096, 8192, 16384)
 bench_window = 256
-impls = ("full", "window-dense", "window-blocked")
+impls = ("full", "window-dense", "window-blocked")  # and 'window-flex'
 attn_repeats = 3
 dense_max_T = 16384  # skip the masked dense window (quadratic time) past this length
-# generate mode
+# generate mode (greedy)
+gen_batch_size = 1
 prompt_len = 16
 new_tokens = 512
 use_cache = True
 beyond_block_size = False
-memory_at = ()  # generate mode: also report peak memory after these many tokens, e.g. (1024, 2048, 4096, 8192)
+memory_at = ()  # also report peak memory after these many tokens, e.g. (1024, 2048, 4096, 8192)
+vs_transformers = False  # time transformers' GPT2LMHeadModel.generate on the same weights, alternating with ours
+gen_repeats = 1  # timed generations (of each, alternating, with --vs_transformers); the median is reported
 # system
 device = "auto"
 dtype = "auto"
@@ -58,6 +62,46 @@ compile = False
 seed = 1337
 json_out = ""  # also append the results as one JSON line to this file
 # -----------------------------------------------------------------------------
+
+_MODES = ("train", "attention", "generate")
+_ATTENTION_IMPLS = ("full", "window-dense", "window-blocked", "window-flex")
+
+
+def is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_settings():
+    """Every setting against its range, before any work: one line naming the key, exit 1."""
+    def need(ok, key, expected):
+        if not ok:
+            raise UserError(f"--{key}={globals()[key]!r} is out of range: {key} must be {expected}")
+    need(mode in _MODES, "mode", "one of " + ", ".join(_MODES))
+    try:
+        config = GPTConfig(**{f.name: globals()[f.name] for f in fields(GPTConfig)})
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    need(attn_impl in ("auto", "dense", "blocked", "flex"), "attn_impl", "one of auto, dense, blocked, flex")
+    for key in ("batch_size", "steps", "attn_repeats", "dense_max_T", "bench_window", "gen_batch_size", "prompt_len",
+                "new_tokens", "gen_repeats"):
+        need(is_int(globals()[key]) and globals()[key] >= 1, key, "an integer >= 1")
+    need(is_int(warmup_steps) and warmup_steps >= 0, "warmup_steps", "an integer >= 0")
+    need(is_int(seq_len) and 0 <= seq_len and (config.rope or seq_len <= config.block_size), "seq_len",
+         f"0 (block_size) or at most block_size={config.block_size} (learned positions); any length with rope")
+    need(len(seq_lens) > 0 and all(is_int(T) and T >= 1 for T in seq_lens), "seq_lens", "a non-empty tuple of integers >= 1")
+    need(len(impls) > 0 and all(i in _ATTENTION_IMPLS for i in impls), "impls", "a non-empty tuple of " + ", ".join(_ATTENTION_IMPLS))
+    need(all(is_int(m) and 1 <= m <= new_tokens for m in memory_at), "memory_at", f"token counts between 1 and new_tokens={new_tokens}")
+    need(not (beyond_block_size and not config.rope), "beyond_block_size", "False unless rope=True (learned positions end at block_size)")
+    if vs_transformers:
+        gpt2_like = not config.rope and config.n_kv_head == config.n_head and config.window is None and config.bias
+        need(gpt2_like, "vs_transformers",
+             "False unless the model is GPT-2's architecture (rope=False, n_kv_head=None, window=None, bias=True)")
+        need(use_cache, "vs_transformers", "False with use_cache=False (transformers decodes with its cache)")
+        need(mode == "generate", "vs_transformers", "False outside --mode=generate")
+    if json_out:
+        folder = os.path.dirname(os.path.abspath(json_out))
+        need(os.path.isdir(folder) and not os.path.isdir(json_out), "json_out", "a file path in an existing folder")
+    return config
 
 
 def reset_peak_memory(dev):
@@ -90,29 +134,27 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
-def build_model(dev):
-    config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size, block_size=block_size,
-                       bias=bias, rope=rope, n_kv_head=n_kv_head, window=window)
-    model = GPT(config).to(dev)
+def build_model(config, dev):
+    model = load_model("scratch", model_args=config.to_dict()).model.to(dev)
     model.set_attention_impl(attn_impl)
     return model
 
 
-def kv_bytes_per_token(config, element_size):
+def kv_bytes_per_token(config, dtype):
     """Bytes of keys and values one position adds to the cache (windowed layers stop adding past their window)."""
-    return 2 * config.n_layer * config.n_kv_head * config.head_dim * element_size
+    return KVCache(config, 1, 1, "meta", dtype).nbytes()
 
 
-def bench_train(dev, ptdtype):
-    model = build_model(dev)
+def bench_train(config, dev, ptdtype):
+    model = build_model(config, dev)
     model.gradient_checkpointing = grad_checkpoint
-    T = seq_len or block_size
+    T = seq_len or config.block_size
     optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), dev.split(":")[0])
     run = torch.compile(model) if compile else model
     ctx = autocast_context(dev, ptdtype)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, vocab_size, (batch_size, T), generator=g).to(dev)
-    y = torch.randint(0, vocab_size, (batch_size, T), generator=g).to(dev)
+    x = torch.randint(0, config.vocab_size, (batch_size, T), generator=g).to(dev)
+    y = torch.randint(0, config.vocab_size, (batch_size, T), generator=g).to(dev)
 
     def step():
         with ctx:
@@ -132,16 +174,13 @@ def bench_train(dev, ptdtype):
     sync(dev)
     dt = (time.perf_counter() - t0) / steps
     tokens_per_sec = batch_size * T / dt
-    mfu = estimate_mfu(model, T, tokens_per_sec, dev)
     return dict(params=model.get_num_params(), flops_per_token=model.flops_per_token(T), ms_per_iter=dt * 1000,
-                tokens_per_sec=tokens_per_sec, mfu=mfu, peak_mem_mib=peak_memory_mib(dev),
-                kv_bytes_per_token=kv_bytes_per_token(model.config, torch.finfo(getattr(torch, ptdtype)).bits // 8))
+                tokens_per_sec=tokens_per_sec, mfu=estimate_mfu(model, T, tokens_per_sec, dev),
+                peak_mem_mib=peak_memory_mib(dev), kv_bytes_per_token=kv_bytes_per_token(config, getattr(torch, ptdtype)))
 
 
-def bench_attention(dev, ptdtype):
-    """One layer's attention, forward + backward, GPT-2 small heads (n_head x 64), batch 1."""
-    head_dim = n_embd // n_head
-    kv_heads = n_kv_head or n_head
+def bench_attention(config, dev, ptdtype):
+    """One layer's attention, forward + backward, n_head heads of head_dim, batch 1."""
     rows = []
     for T in seq_lens:
         for impl in impls:
@@ -150,23 +189,23 @@ def bench_attention(dev, ptdtype):
                 continue
             g = torch.Generator().manual_seed(seed)
             dt_ = getattr(torch, ptdtype)
-            q = torch.randn(1, n_head, T, head_dim, generator=g).to(dev, dt_).requires_grad_()
-            k = torch.randn(1, kv_heads, T, head_dim, generator=g).to(dev, dt_).requires_grad_()
-            v = torch.randn(1, kv_heads, T, head_dim, generator=g).to(dev, dt_).requires_grad_()
+            q = torch.randn(1, config.n_head, T, config.head_dim, generator=g).to(dev, dt_).requires_grad_()
+            k = torch.randn(1, config.n_kv_head, T, config.head_dim, generator=g).to(dev, dt_).requires_grad_()
+            v = torch.randn(1, config.n_kv_head, T, config.head_dim, generator=g).to(dev, dt_).requires_grad_()
             w, kernel = {"full": (None, "dense"), "window-dense": (bench_window, "dense"),
                          "window-blocked": (bench_window, "blocked"), "window-flex": (bench_window, "flex")}[impl]
 
-            def run_once():
+            def run_once(q, k, v):
                 y = causal_attention(q, k, v, w, kernel)
                 y.sum().backward()
                 q.grad = k.grad = v.grad = None
 
-            run_once()  # warm-up
+            run_once(q, k, v)  # warm-up
             sync(dev)
             reset_peak_memory(dev)
             t0 = time.perf_counter()
             for _ in range(attn_repeats):
-                run_once()
+                run_once(q, k, v)
             sync(dev)
             ms = (time.perf_counter() - t0) / attn_repeats * 1000
             rows.append(dict(T=T, impl=impl, window=w, ms_fwd_bwd=ms, peak_mem_mib=peak_memory_mib(dev)))
@@ -176,55 +215,114 @@ def bench_attention(dev, ptdtype):
 
 
 @torch.no_grad()
-def bench_generate(dev, ptdtype):
-    model = build_model(dev).eval()
+def bench_generate(config, dev, ptdtype):
+    if vs_transformers:
+        return bench_generate_vs_transformers(config, dev, ptdtype)
+    model = build_model(config, dev).eval()
     ctx = autocast_context(dev, ptdtype)
     g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, vocab_size, (1, prompt_len), generator=g).to(dev)
-    result = dict(params=model.get_num_params(), use_cache=use_cache, new_tokens=new_tokens)
+    prompt = torch.randint(0, config.vocab_size, (gen_batch_size, prompt_len), generator=g).to(dev)
+    result = dict(params=model.get_num_params(), batch_size=gen_batch_size, use_cache=use_cache, new_tokens=new_tokens)
     with ctx:
         list(model.generate_stream(prompt, 4, temperature=0, use_cache=use_cache))  # warm-up
-        sync(dev)
-        reset_peak_memory(dev)
-        marks = sorted(memory_at)
-        memory = {}
-        t0 = time.perf_counter()
-        for i, _ in enumerate(model.generate_stream(prompt, new_tokens, temperature=0, use_cache=use_cache,
-                                                    beyond_block_size=beyond_block_size), start=1):
-            if marks and i == marks[0]:
-                memory[i] = peak_memory_mib(dev)
-                marks.pop(0)
-        sync(dev)
-        dt = time.perf_counter() - t0
-    result.update(tokens_per_sec=new_tokens / dt, seconds=dt, peak_mem_mib=peak_memory_mib(dev))
+        seconds, memory = [], {}
+        for _ in range(gen_repeats):
+            sync(dev)
+            reset_peak_memory(dev)
+            marks = sorted(memory_at)
+            t0 = time.perf_counter()
+            for i, _ in enumerate(model.generate_stream(prompt, new_tokens, temperature=0, use_cache=use_cache,
+                                                        beyond_block_size=beyond_block_size), start=1):
+                if marks and i == marks[0]:
+                    memory[i] = peak_memory_mib(dev)
+                    marks.pop(0)
+            sync(dev)
+            seconds.append(time.perf_counter() - t0)
+    dt = statistics.median(seconds)
+    result.update(tokens_per_sec=gen_batch_size * new_tokens / dt, seconds=dt, peak_mem_mib=peak_memory_mib(dev))
     if memory:
         result["peak_mem_mib_at"] = memory
-    if use_cache:
-        # sized as generate_stream sizes it: every position, capped at block_size unless rope runs past it
-        positions = prompt_len + new_tokens
-        if not (rope and beyond_block_size):
-            positions = min(positions, block_size)
-        cache = KVCache(model.config, 1, positions, "meta", getattr(torch, ptdtype))
-        result["kv_cache_bytes"] = cache.nbytes()
+    if use_cache:  # the cache generate_stream makes for this prompt
+        positions = KVCache.positions_needed(config, prompt_len, new_tokens, beyond_block_size)
+        result["kv_cache_bytes"] = KVCache(config, gen_batch_size, positions, "meta", getattr(torch, ptdtype)).nbytes()
     return result
+
+
+def bench_generate_vs_transformers(config, dev, ptdtype):
+    """
+    transformers' GPT2LMHeadModel with random weights (its own init, seeded), saved to a temporary folder
+    and loaded here the way any GPT-2 folder is (common.load_model): the same weights in both. Greedy
+    decoding of the same random prompt by each, alternating, gen_repeats times; the tokens must be
+    identical in float32. With --dtype=bfloat16 both models hold bf16 weights (a separate, inexact
+    comparison: the length of the common prefix is reported instead of checked).
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    hf_config = GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
+                           n_layer=config.n_layer, n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = GPT2LMHeadModel(hf_config).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        hf.save_pretrained(folder)
+        ours = load_model(folder, need_decoding=False).model.eval()
+    weights = getattr(torch, ptdtype)
+    hf.to(dev, weights)
+    ours.to(dev, weights)
+    hf.generation_config.eos_token_id = None  # random weights may pick <|endoftext|>: never stop early
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, config.vocab_size, (gen_batch_size, prompt_len), generator=g).to(dev)
+
+    def run_ours(n):
+        return ours.generate(prompt, n, temperature=0)
+
+    def run_hf(n):
+        return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    run_ours(4), run_hf(4)  # warm-up
+    seconds = {"ours": [], "transformers": []}
+    for _ in range(gen_repeats):
+        for name, fn in (("ours", run_ours), ("transformers", run_hf)):
+            sync(dev)
+            t0 = time.perf_counter()
+            out = fn(new_tokens)
+            sync(dev)
+            seconds[name].append(time.perf_counter() - t0)
+            if name == "ours":
+                ours_out = out
+            else:
+                hf_out = out
+    assert ours_out.shape == hf_out.shape == (gen_batch_size, prompt_len + new_tokens), (ours_out.shape, hf_out.shape)
+    differs = (ours_out != hf_out).any(dim=0).nonzero()
+    same_prefix = int(differs[0]) - prompt_len if len(differs) else new_tokens
+    if ptdtype == "float32" and same_prefix != new_tokens:
+        raise AssertionError(f"greedy tokens differ from transformers' at new token {same_prefix} in float32")
+    tps = {name: gen_batch_size * new_tokens / statistics.median(s) for name, s in seconds.items()}
+    return dict(params=ours.get_num_params(), batch_size=gen_batch_size, prompt_len=prompt_len, new_tokens=new_tokens,
+                weights_dtype=ptdtype, tokens_identical=same_prefix == new_tokens, identical_new_tokens=same_prefix,
+                tokens_per_sec=tps["ours"], transformers_tokens_per_sec=tps["transformers"],
+                speedup_vs_transformers=tps["ours"] / tps["transformers"], repeats=gen_repeats)
 
 
 def main():
     settings = apply_overrides(globals(), sys.argv[1:])
-    if mode not in ("train", "attention", "generate"):
-        raise UserError(f"unknown mode {mode!r}; use train, attention or generate")
+    config = check_settings()
     dev = pick_device(device)
     ptdtype = pick_dtype(dtype, dev)
+    if mode == "attention" and "window-flex" in impls and not dev.startswith("cuda"):
+        raise UserError(f"--impls={impls!r} is out of range on {dev}: window-flex needs CUDA "
+                        f"(FlexAttention has no backward on a CPU in this torch)")
     torch.manual_seed(seed)
     try:
-        result = {"train": bench_train, "attention": bench_attention, "generate": bench_generate}[mode](dev, ptdtype)
-    except ValueError as e:
+        result = {"train": bench_train, "attention": bench_attention, "generate": bench_generate}[mode](config, dev, ptdtype)
+    except ConfigError as e:
         raise UserError(str(e)) from None
     device_name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else f"{dev} ({torch.get_num_threads()} threads)"
     record = dict(mode=mode, device=device_name, dtype=ptdtype, settings=settings, result=result)
     if mode != "attention":
         for key, value in result.items():
-            print(f"{key:>20}: {value:,.4g}" if isinstance(value, float) else f"{key:>20}: {value}")
+            print(f"{key:>28}: {value:,.4g}" if isinstance(value, float) else f"{key:>28}: {value}")
     if json_out:
         with open(json_out, "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -16,6 +16,7 @@ References:
 """
 
 import math
+from collections.abc import Iterator
 import inspect
 from dataclasses import dataclass, fields, asdict
 
@@ -68,12 +69,13 @@ class GPTConfig:
             raise ConfigError(f"GPTConfig.n_kv_head={self.n_kv_head!r} must be a positive integer that divides n_head={self.n_head}")
         if self.rope and self.head_dim % 2 != 0:
             raise ConfigError(f"rope needs an even head dimension, got n_embd/n_head = {self.head_dim}")
-        if self.rope and not self.rope_theta > 0:
-            raise ConfigError(f"GPTConfig.rope_theta must be positive, got {self.rope_theta!r}")
+        if self.rope and not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
+            raise ConfigError(f"GPTConfig.rope_theta must be a positive finite number, got {self.rope_theta!r}")
         windows = self.window if isinstance(self.window, (tuple, list)) else [self.window]
         if isinstance(self.window, (tuple, list)):
             if len(self.window) != self.n_layer:
-                raise ConfigError(f"GPTConfig.window has {len(self.window)} entries but n_layer={self.n_layer}; give one per layer (None for a global layer)")
+                raise ConfigError(f"GPTConfig.window has {len(self.window)} entries but n_layer={self.n_layer}; "
+                                  f"give one per layer (None for a global layer)")
             self.window = tuple(self.window)  # hashable and JSON-friendly after asdict
         for w in windows:
             if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
@@ -124,15 +126,24 @@ def apply_rope(x, cos, sin):
 # Attention kernels. All take q (B, H, T, D) and k, v (B, Hkv, S, D), with H a multiple of Hkv:
 # query head h uses key/value head h // (H // Hkv), SDPA's enable_gqa convention.
 
+def causal_window_mask(q_pos, k_pos, window=None):
+    """The attention rule in one place: query position i sees key position j when i - window < j <= i
+    (causal, and within the window when there is one). Positions are tensors that broadcast against
+    each other (a mask), or the index tensors of a FlexAttention mask_mod."""
+    seen = k_pos <= q_pos
+    if window is not None:
+        seen = seen & (k_pos > q_pos - window)
+    return seen
+
+
 def dense_attention(q, k, v, window=None, dropout_p=0.0):
     """Causal attention over all T x T scores; a window is applied as a mask (quadratic cost)."""
     T = q.shape[-2]
     gqa = q.shape[1] != k.shape[1]
     if window is None or window >= T:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=gqa)
-    i = torch.arange(T, device=q.device)[:, None]
-    j = torch.arange(T, device=q.device)[None, :]
-    mask = (j <= i) & (j > i - window)
+    positions = torch.arange(T, device=q.device)
+    mask = causal_window_mask(positions[:, None], positions[None, :], window)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
 
 
@@ -155,11 +166,11 @@ def blocked_local_attention(q, k, v, window, block=None, dropout_p=0.0):
         x = F.pad(x, (0, 0, window - 1, pad_right))
         return x.unfold(2, span, block).transpose(-1, -2)  # (B, Hkv, n_blocks, span, D)
     kb, vb = bands(k), bands(v)
-    # query i of block b sits at b*block + i; band key j at b*block - (window-1) + j
-    i = torch.arange(block, device=q.device)[:, None]
-    j = torch.arange(span, device=q.device)[None, :]
-    key_pos = torch.arange(n_blocks, device=q.device)[:, None, None] * block - (window - 1) + j
-    mask = (j >= i) & (j <= i + window - 1) & (key_pos >= 0)  # (n_blocks, block, span)
+    # query i of block b sits at b*block + i; band key j at b*block - (window-1) + j; keys before 0 are padding
+    block_start = torch.arange(n_blocks, device=q.device)[:, None, None] * block
+    query_pos = block_start + torch.arange(block, device=q.device)[:, None]
+    key_pos = block_start - (window - 1) + torch.arange(span, device=q.device)[None, :]
+    mask = causal_window_mask(query_pos, key_pos, window) & (key_pos >= 0)  # (n_blocks, block, span)
     # fold the blocks into the batch so SDPA sees heads at dim -3 (needed for enable_gqa)
     qb = qb.permute(0, 2, 1, 3, 4).reshape(B * n_blocks, H, block, D)
     kb = kb.permute(0, 2, 1, 3, 4).reshape(B * n_blocks, Hkv, span, D)
@@ -173,15 +184,22 @@ def blocked_local_attention(q, k, v, window, block=None, dropout_p=0.0):
 _flex_block_masks = {}
 
 
-@torch.compiler.disable  # built once per (T, window, device) outside the compiled graph, then reused
 def sliding_window_block_mask(T, window, device):
-    from torch.nn.attention.flex_attention import create_block_mask
+    """FlexAttention's block mask of a sliding window, built once per (T, window, device) outside any
+    compiled graph, then reused. torch.compiler.disable is applied here on first use, not as a decorator:
+    that would import torch._dynamo with this file, ~1.5 s more start-up for every script."""
     key = (T, window, str(device))
     if key not in _flex_block_masks:
-        def sliding_window_causal(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
-        _flex_block_masks[key] = create_block_mask(sliding_window_causal, None, None, T, T, device=device)
+        _flex_block_masks[key] = torch.compiler.disable(_create_sliding_window_block_mask)(T, window, device)
     return _flex_block_masks[key]
+
+
+def _create_sliding_window_block_mask(T, window, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def sliding_window_causal(b, h, q_idx, kv_idx):
+        return causal_window_mask(q_idx, kv_idx, window)
+    return create_block_mask(sliding_window_causal, None, None, T, T, device=device)
 
 
 def flex_window_attention(q, k, v, window):
@@ -191,21 +209,30 @@ def flex_window_attention(q, k, v, window):
     return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def causal_attention(q, k, v, window=None, impl="auto", dropout_p=0.0):
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None, impl: str = "auto",
+                     dropout_p: float = 0.0) -> torch.Tensor:
     """
     Picks the kernel. impl: 'auto' | 'dense' | 'blocked' | 'flex'.
-    'auto' uses dense SDPA unless a window is much shorter than the sequence, where the blocked
+    'auto' uses dense SDPA unless a window is much shorter than a long sequence, where the blocked
     kernel's linear cost wins; on CUDA under torch.compile it uses FlexAttention's block-sparse kernel
     (without compile FlexAttention runs an unfused reference path, slower than the blocked kernel).
     """
     T = q.shape[-2]
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and T * q.shape[-1] < 32768:
+        # PyTorch's CPU attention kernels are slower in bf16 than in fp32 for short sequences (T=64,
+        # head_dim 32: forward+backward 2.2x slower), which made bf16 autocast training no faster than
+        # fp32 on a CPU. Attend in fp32 there (exact for bf16 inputs); long sequences are faster in bf16.
+        with torch.autocast("cpu", enabled=False):
+            return causal_attention(q.float(), k.float(), v.float(), window, impl, dropout_p).to(q.dtype)
     if window is None or window >= T or impl == "dense":
         return dense_attention(q, k, v, window, dropout_p)
     if impl == "auto":
         if q.device.type == "cuda" and dropout_p == 0.0 and torch.compiler.is_compiling():
             impl = "flex"
         else:
-            impl = "blocked" if T >= 4 * window else "dense"
+            # the blocked kernel's padded bands cost more than they save on short sequences: measured on a
+            # CPU, forward+backward, it is 2x slower at T=64 and even at T=256, 2x faster at T=512 (window 16 or 64)
+            impl = "blocked" if T >= max(4 * window, 512) else "dense"
     if impl == "flex":
         if dropout_p > 0.0:
             raise ConfigError("the flex attention kernel has no dropout; use attn_impl='blocked' or dropout=0")
@@ -227,7 +254,8 @@ class KVCache:
     are already in the keys (RoPE) or in the residual stream (learned wpe).
     """
 
-    def __init__(self, config, batch_size, max_positions, device, dtype):
+    def __init__(self, config: "GPTConfig", batch_size: int, max_positions: int, device: str | torch.device,
+                 dtype: torch.dtype) -> None:
         self.pos = 0  # number of positions processed so far (absolute position of the next token)
         self.keys, self.values, self.windows = [], [], []
         for layer in range(config.n_layer):
@@ -238,10 +266,18 @@ class KVCache:
             self.values.append(torch.zeros(shape, device=device, dtype=dtype))
             self.windows.append(w)
 
+    @staticmethod
+    def positions_needed(config: "GPTConfig", context_len: int, max_new_tokens: int, beyond_block_size: bool = False) -> int:
+        """How many positions a cache filled with `context_len` tokens must hold for max_new_tokens more:
+        all of them with rope and beyond_block_size (positions run on), otherwise at most block_size
+        (learned positions slide the context back instead of growing)."""
+        positions = context_len + max_new_tokens
+        return positions if config.rope and beyond_block_size else min(positions, config.block_size)
+
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    def update(self, layer, k, v):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, Hkv, T, D) for positions pos..pos+T-1 and return what this layer attends to."""
         T = k.shape[2]
         keys, values, w = self.keys[layer], self.values[layer], self.windows[layer]
@@ -306,11 +342,8 @@ class CausalSelfAttention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k_all, v_all, enable_gqa=self.n_head != self.n_kv_head)
             else:  # several new tokens after cached ones (global layers, or windows not yet full)
                 S = k_all.shape[2]
-                i = torch.arange(S - T, S, device=x.device)[:, None]
-                j = torch.arange(S, device=x.device)[None, :]
-                mask = j <= i
-                if self.window is not None:
-                    mask = mask & (j > i - self.window)
+                key_pos = torch.arange(S, device=x.device)
+                mask = causal_window_mask(key_pos[S - T:, None], key_pos[None, :], self.window)
                 y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=self.n_head != self.n_kv_head)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -389,16 +422,29 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.attn_impl = impl
 
-    def forward(self, idx, targets=None, kv_cache=None, last_only=False):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
         idx: (B, T) token ids. Returns (logits, loss): logits (B, T, vocab), or (B, 1, vocab) with
         last_only; loss is the mean cross-entropy against targets (-1 ignored), or None.
         With kv_cache, idx continues the sequence held in the cache, starting at position kv_cache.pos.
         """
+        x = self.hidden_states(idx, kv_cache)
+        if last_only:
+            x = x[:, [-1], :]
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def hidden_states(self, idx, kv_cache=None):
+        """The final LayerNorm's output (B, T, n_embd) for token ids idx (B, T): all but the vocabulary projection."""
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if not self.config.rope and start + T > self.config.block_size:
-            raise ConfigError(f"sequence of length {start + T} is longer than block_size={self.config.block_size} (learned position embedding)")
+            raise ConfigError(f"sequence of length {start + T} is longer than block_size={self.config.block_size} "
+                              f"(learned position embedding)")
         x = self.transformer.wte(idx)
         rope = None
         if self.config.rope:
@@ -414,14 +460,7 @@ class GPT(nn.Module):
                 x = block(x, rope, kv_cache)
         if kv_cache is not None:
             kv_cache.pos += T
-        x = self.transformer.ln_f(x)
-        if last_only:
-            x = x[:, [-1], :]
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
-        return logits, loss
+        return self.transformer.ln_f(x)
 
     # -------------------------------------------------------------------------
     # Pretrained models in the Hugging Face format: OpenAI's GPT-2, and what export_hf.py writes
@@ -521,8 +560,9 @@ class GPT(nn.Module):
     # Generation
 
     @torch.no_grad()
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        use_cache=True, beyond_block_size=False, generator=None):
+    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                        top_p: float | None = None, use_cache: bool = True, beyond_block_size: bool = False,
+                        generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
         """
         Yields the next token (B, 1) max_new_tokens times, continuing idx (B, T).
         temperature=0 is greedy. With use_cache a single prefill pass fills a KVCache, then one
@@ -534,33 +574,61 @@ class GPT(nn.Module):
         if idx.shape[1] == 0:
             raise ConfigError("generation needs a prompt of at least one token")
         cfg = self.config
+        B, T = idx.shape
         unbounded = cfg.rope and beyond_block_size
         # keys and values are cached in the dtype they are computed in: bf16/fp16 under autocast
         device_type = idx.device.type
         cache_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
                        else self.lm_head.weight.dtype)
-        cache = None
-        for _ in range(max_new_tokens):
-            if not use_cache:
-                context = idx if unbounded else idx[:, -cfg.block_size:]
-                logits, _ = self(context, last_only=True)
-            elif cache is None or (not unbounded and cache.pos >= cfg.block_size):
-                # (re)fill the cache from the prompt, or from the recent context after a slide
-                keep = idx if unbounded else idx[:, -(cfg.block_size if cache is None else cfg.block_size // 2):]
-                positions = keep.shape[1] + max_new_tokens  # what this cache can ever hold
-                if not unbounded:
-                    positions = min(positions, cfg.block_size)
-                cache = KVCache(cfg, idx.shape[0], positions, idx.device, cache_dtype)
-                logits, _ = self(keep, kv_cache=cache, last_only=True)
-            else:
-                logits, _ = self(idx[:, -1:], kv_cache=cache, last_only=True)
-            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
-            idx = torch.cat((idx, next_token), dim=1)
-            yield next_token
+        # A cached step on a CPU reads every weight once; see _decode_layout for the layout it reads fastest
+        relaid = self._decode_layout(B) if use_cache and device_type == "cpu" else []
+        try:
+            for p in relaid:
+                p.data = p.data.t().contiguous().t()  # the same values and shape, stored (in, out)
+            # every token so far, written in place: no concatenation of the whole sequence per token
+            seq = idx.new_empty((B, T + max_new_tokens))
+            seq[:, :T] = idx
+            cache = None
+            for n in range(T, T + max_new_tokens):  # n tokens are known
+                if not use_cache:
+                    context = seq[:, :n] if unbounded else seq[:, max(0, n - cfg.block_size):n]
+                    logits, _ = self(context, last_only=True)
+                elif cache is None or (not unbounded and cache.pos >= cfg.block_size):
+                    # (re)fill the cache from the prompt, or from the recent context after a slide
+                    keep = n if unbounded else min(n, cfg.block_size if cache is None else cfg.block_size // 2)
+                    positions = KVCache.positions_needed(cfg, keep, T + max_new_tokens - n, beyond_block_size)
+                    cache = KVCache(cfg, B, positions, idx.device, cache_dtype)
+                    logits, _ = self(seq[:, n - keep:n], kv_cache=cache, last_only=True)
+                else:
+                    logits, _ = self(seq[:, n - 1:n], kv_cache=cache, last_only=True)
+                next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+                seq[:, n:n + 1] = next_token
+                yield next_token
+        finally:  # also when the caller stops early: the model leaves as it came
+            for p in relaid:
+                p.data = p.data.contiguous()
+
+    def _decode_layout(self, batch_size):
+        """
+        The float32 weights that a cached decoding step on a CPU reads faster stored (in, out) than as
+        nn.Linear's (out, in): MKL's matrix-vector product reads the rows of (out, in) at ~10 GB/s per core
+        here and the columns of (in, out) at ~15-19 (measured, experiments/decode_vs_transformers.sh). For
+        the vocabulary projection (tied to wte, whose lookups do not mind) that holds at batch 1 and 8; for
+        c_attn, attn.c_proj and mlp.c_fc at batch 1 only, and mlp.c_proj is faster as it is. generate_stream
+        re-lays them for its duration (one matrix copied at a time: no second copy of the model) and back.
+        """
+        if self.lm_head.weight.dtype != torch.float32:
+            return []
+        params = [self.lm_head.weight]
+        if batch_size == 1:
+            for block in self.transformer.h:
+                params += [block.attn.c_attn.weight, block.attn.c_proj.weight, block.mlp.c_fc.weight]
+        return [p for p in params if p.is_contiguous()]
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 use_cache=True, beyond_block_size=False, generator=None):
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, use_cache: bool = True, beyond_block_size: bool = False,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
         """idx (B, T) followed by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, beyond_block_size, generator))
         return torch.cat([idx] + new, dim=1)

@@ -89,7 +89,7 @@ def finish(proc, log_path):
         proc.wait(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError("torchrun hung:\n" + open(log_path).read())
+        raise AssertionError("torchrun hung:\n" + open(log_path).read()) from None
     return open(log_path).read()
 
 
@@ -182,7 +182,7 @@ def two_nodes(out_dirs, data_root, *args):
         except subprocess.TimeoutExpired:
             for q in procs:
                 os.killpg(q.pid, signal.SIGKILL)
-            raise AssertionError("a node hung")
+            raise AssertionError("a node hung") from None
     for p, text in zip(procs, outputs):
         assert p.returncode == 0, text
     return outputs

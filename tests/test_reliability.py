@@ -79,7 +79,7 @@ def test_sigkill_at_random_moments_then_resume(data_root, reference, tmp_path):
     args = train_args(data_root, out, "--max_iters=24", "--eval_interval=4", "--dropout=0.1")
     rng = random.Random(0)
     kills = 0
-    for attempt in range(20):
+    for _ in range(20):
         resume = os.path.exists(os.path.join(out, "ckpt.pt"))
         proc = subprocess.Popen([sys.executable, *args, *(["--init_from=resume"] if resume else [])], cwd=REPO,
                                 env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -286,7 +286,7 @@ def test_dataset_shorter_than_block_size(tmp_path):
 def test_token_ids_not_below_vocab_size(tmp_path):
     write_dataset(str(tmp_path), "badids", [1, 2, 3, 70] * 40, vocab_size=65)
     out = tmp_path / "out"
-    line = assert_user_error(run_script(*train_args(str(tmp_path), str(out), "--dataset=badids")), "70", "vocab_size")
+    assert_user_error(run_script(*train_args(str(tmp_path), str(out), "--dataset=badids")), "70", "vocab_size")
     assert not out.exists()
 
 
