@@ -107,19 +107,23 @@ class GPTConfig:
 # dimension i is rotated together with dimension i + head_dim/2, by angle position * theta^(-2i/head_dim).
 
 def rope_cos_sin(positions, head_dim, theta, dtype=torch.float32):
-    """cos and sin tables of shape (len(positions), head_dim) for the given integer positions."""
+    """
+    cos and sin tables of shape (len(positions), head_dim) for the given integer positions. The sin
+    table carries rotate_half's sign (its first half negated), so that applying it is x * cos plus
+    x with its halves swapped (one roll) times sin: fewer operations per layer than negating and
+    concatenating the halves of x, and bitwise the same result.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     angles = positions.float()[:, None] * inv_freq[None, :]
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    sin = angles.sin()
+    return torch.cat((angles, angles), dim=-1).cos().to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """x: (B, n_heads, T, head_dim); cos, sin: (T, head_dim)."""
-    half = x.shape[-1] // 2
-    rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # under autocast q, k are bf16: keep them so, like v
-    return x * cos + rotated_half * sin
+    """x (..., head_dim) with cos, sin from rope_cos_sin broadcasting against it: (T, head_dim) for
+    x (B, n_heads, T, head_dim), (T, 1, head_dim) for x (B, T, n_heads, head_dim)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # under autocast on a GPU q, k are bf16: keep them so, like v
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 # -----------------------------------------------------------------------------
@@ -209,6 +213,17 @@ def flex_window_attention(q, k, v, window):
     return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
+def attends_in_float32(x, T, head_dim):
+    """
+    PyTorch's CPU attention kernels are slower in bf16 than in fp32 for short sequences (T=64, head_dim
+    32: forward+backward 2.2x slower), which made bf16 autocast training no faster than fp32 on a CPU.
+    Attention on the CPU under low precision (x, the queries or the qkv projection, in bf16/fp16, or
+    CPU autocast on) runs in fp32 there, exact for bf16 inputs; long sequences are faster in bf16.
+    """
+    low_precision = x.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cpu")
+    return x.device.type == "cpu" and low_precision and T * head_dim < 32768
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None, impl: str = "auto",
                      dropout_p: float = 0.0) -> torch.Tensor:
     """
@@ -218,10 +233,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     (without compile FlexAttention runs an unfused reference path, slower than the blocked kernel).
     """
     T = q.shape[-2]
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and T * q.shape[-1] < 32768:
-        # PyTorch's CPU attention kernels are slower in bf16 than in fp32 for short sequences (T=64,
-        # head_dim 32: forward+backward 2.2x slower), which made bf16 autocast training no faster than
-        # fp32 on a CPU. Attend in fp32 there (exact for bf16 inputs); long sequences are faster in bf16.
+    if attends_in_float32(q, T, q.shape[-1]):
         with torch.autocast("cpu", enabled=False):
             return causal_attention(q.float(), k.float(), v.float(), window, impl, dropout_p).to(q.dtype)
     if window is None or window >= T or impl == "dense":
@@ -323,14 +335,16 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope=None, kv_cache=None):
         B, T, C = x.shape
-        q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-        q, k, v = self.c_attn(x).split([q_size, kv_size, kv_size], dim=2)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        qkv = self.c_attn(x)
+        compute_dtype = qkv.dtype
+        if kv_cache is None and attends_in_float32(qkv, T, self.head_dim):
+            qkv = qkv.float()  # one cast for q, k and v (and rope) instead of one per tensor in causal_attention
+        heads = qkv.view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
+        qk, v = heads.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=2)
         if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = apply_rope(qk, *rope)  # q and k in one pass, against tables (T, 1, D)
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, D)
         dropout_p = self.dropout if self.training else 0.0
         cached = kv_cache.update(self.layer, k, v) if kv_cache is not None else None
         if cached is None or kv_cache.pos == 0:
@@ -345,7 +359,7 @@ class CausalSelfAttention(nn.Module):
                 key_pos = torch.arange(S, device=x.device)
                 mask = causal_window_mask(key_pos[S - T:, None], key_pos[None, :], self.window)
                 y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=self.n_head != self.n_kv_head)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.to(compute_dtype).transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -449,7 +463,8 @@ class GPT(nn.Module):
         rope = None
         if self.config.rope:
             positions = torch.arange(start, start + T, device=idx.device)
-            rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype=x.dtype)
+            cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype=x.dtype)
+            rope = cos[:, None], sin[:, None]  # (T, 1, D): the layers rotate q and k laid out (B, T, heads, D)
         else:
             x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
         x = self.transformer.drop(x)
@@ -535,13 +550,13 @@ class GPT(nn.Module):
     # Training helpers
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, fused=None):
-        """AdamW with weight decay on matrices and embeddings (dim >= 2) only; fused kernel on CUDA."""
+        """AdamW with weight decay on matrices and embeddings (dim >= 2) only; the fused kernel on CUDA and CPUs."""
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if fused is None:
-            fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        if fused is None:  # one kernel for every parameter; on a CPU 2.7x faster than the per-tensor loop here
+            fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
 
     def flops_per_token(self, seq_len):

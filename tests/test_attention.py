@@ -251,7 +251,8 @@ def test_rope_matches_transformers_llama():
     cos, sin = M.rope_cos_sin(positions, D, theta)
     assert cos.shape == (T, D)
     torch.testing.assert_close(cos, hf_cos[0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(sin, hf_sin[0], atol=1e-5, rtol=0)
+    # the sin table carries rotate_half's sign: -sin on the first half, +sin on the second
+    torch.testing.assert_close(sin, torch.cat((-hf_sin[0, :, :D // 2], hf_sin[0, :, D // 2:]), dim=-1), atol=1e-5, rtol=0)
     q_ref, k_ref = apply_rotary_pos_emb(q, k, hf_cos, hf_sin)
     torch.testing.assert_close(M.apply_rope(q, cos, sin), q_ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(M.apply_rope(k, cos, sin), k_ref, atol=1e-5, rtol=0)
