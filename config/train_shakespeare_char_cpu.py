@@ -3,12 +3,11 @@
 # "A laptop run"; experiments/time_to_quality.py). Runs on whatever device there is.
 #  - rotary positions and a 16-token window on every layer: -0.12 and -0.05 val loss at the same steps (README)
 #  - a 4x higher learning rate with a short warmup, beta1 0.8, batch 16 instead of 12 and 700 steps instead
-#    of 2000 (batch 16 costs 10% less per sequence than 12 here, and at equal time reaches a lower loss than
-#    more steps of batch 12 or fewer of batch 20/24: README)
+#    of 2000 (experiments/cpu_batch_sweep.py: the same loss as 900 steps of batch 12 in the same time, and
+#    lower than fewer steps of batch 12, 20 or 24)
 #  - one evaluation at the end instead of one every 250 steps
-#  - bf16 matmuls on CPUs that compute bf16 natively (AVX512-BF16 or AMX): 1.3x faster steps here at the
-#    same quality (attention stays fp32 at this length, see model.causal_attention); float32 elsewhere,
-#    where bf16 is emulated and slower
+#  - bf16 matmuls on CPUs that compute bf16 natively (AVX512-BF16 or AMX), attention in fp32 at this length
+#    (model.attends_in_float32); float32 elsewhere, where bf16 is emulated and slower
 import torch
 
 out_dir = "out-shakespeare-char-cpu"

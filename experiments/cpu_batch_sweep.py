@@ -3,7 +3,7 @@ How config/train_shakespeare_char_cpu.py got its batch size and number of steps:
 val loss a fixed wall time buys depends on how the time is spent (more steps, or more rows a step).
 
 1. Step time by batch size: this repository's train_step with the quick start's model and precision,
-   batch 12/16/20/24 in one process, alternating every 10 steps (the machine's speed drifts by +-15%
+   batch 12/16/20/24, and the recipe's step beside them, in one process, alternating every 10 steps (the machine's speed drifts by +-15%
    over minutes, so only side-by-side figures compare): median ms a step and a sequence.
 2. Quality: the quick start with --batch_size, --max_iters (= lr_decay_iters = eval_interval) and
    --learning_rate overridden, 3 seeds each, best val loss. These runs are deterministic, so they
@@ -49,18 +49,20 @@ def step_times(repeats=20):
     dtype = c["dtype"] if c["dtype"] != "auto" else "float32"
     stream = train.BatchStream(os.path.join(REPO, "data", c["dataset"]), c["block_size"], 1337, 65)
 
-    def setup(batch_size):
+    def setup(batch_size, rope=c["rope"], window=c["window"], lr=c["learning_rate"], beta1=c["beta1"], dtype=dtype):
         torch.manual_seed(1337)
         model = GPT(GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
-                              vocab_size=65, dropout=0.0, rope=c["rope"], window=c["window"]))
-        optimizer = model.configure_optimizers(0.1, c["learning_rate"], (c["beta1"], c["beta2"]), "cpu")
+                              vocab_size=65, dropout=0.0, rope=rope, window=window))
+        optimizer = model.configure_optimizers(0.1, lr, (beta1, c["beta2"]), "cpu")
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         s = dict(gradient_accumulation_steps=1, batch_size=batch_size, seed=1337, grad_clip=1.0, out_dir=REPO, fsdp=False)
         ctx = train.autocast_context("cpu", dtype)
         return lambda step: train.train_step(model, model, model, optimizer, scaler, stream, step, s, 1, train.Dist(), ctx, "cpu")
 
     steps = {b: setup(b) for b in BATCHES}
-    times = {b: [] for b in BATCHES}
+    # nanoGPT's CPU recipe as experiments/time_to_quality.py runs it: float32, learned positions, batch 12
+    steps["recipe"] = setup(12, rope=False, window=None, lr=1e-3, beta1=0.9, dtype="float32")
+    times = {b: [] for b in steps}
     for r in range(repeats):
         for b, step in steps.items():
             for i in range(10):
@@ -72,6 +74,7 @@ def step_times(repeats=20):
     ms = {b: statistics.median(t[10:]) * 1000 for b, t in times.items()}  # the first 10 warm up
     for b in BATCHES:
         print(f"| {b} | {ms[b]:.1f} | {ms[b] / b:.2f} |")
+    print(f"| nanoGPT's CPU recipe (12, float32, learned positions) | {ms['recipe']:.1f} | {ms['recipe'] / 12:.2f} |")
     print(flush=True)
     return ms
 
