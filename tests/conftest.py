@@ -38,7 +38,7 @@ def data_root(tmp_path_factory):
         shutil.copy(shakespeare_input(), folder / "input.txt")
         shutil.copy(os.path.join(REPO, "data", name, "prepare.py"), folder / "prepare.py")
         subprocess.run([sys.executable, str(folder / "prepare.py")], check=True, cwd=REPO,
-                       stdout=subprocess.DEVNULL, env=script_env())
+                       stdout=subprocess.DEVNULL, env=script_env(), timeout=300)
     return str(root)
 
 

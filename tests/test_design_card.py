@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow  # four processes, one of them a 2-process torchru
 def fresh_copy(dest):
     """The files a clone would have: tracked, or new and not ignored (no data, outputs or caches)."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True)
+                            capture_output=True, timeout=60)
     if listed.returncode != 0:
         pytest.skip("not a git checkout: cannot tell which files a fresh copy has")
     for name in filter(None, listed.stdout.decode().split("\0")):

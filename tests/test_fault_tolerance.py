@@ -66,7 +66,7 @@ def wait_for_step(proc_log, step, proc, timeout=TIMEOUT):
 
 def worker_pids(agent_pid):
     """The training processes torchrun started (its children running train.py)."""
-    out = subprocess.run(["pgrep", "-P", str(agent_pid)], capture_output=True, text=True).stdout.split()
+    out = subprocess.run(["pgrep", "-P", str(agent_pid)], capture_output=True, text=True, timeout=30).stdout.split()
     return [int(p) for p in out]
 
 
