@@ -23,9 +23,10 @@ import shutil
 
 import torch
 
-from model import GPTConfig, GPT2_TRANSPOSED, GPT2_VOCAB_SIZE, LAYER_NORM_EPS, STARCODER2_QKV, starcoder2_names
+from model import ConfigError, GPT2_VOCAB_SIZE
+from hf_bridge import HF_CLASS_NAMES, build_hf_model, common_window, target_architecture
 from configurator import apply_overrides
-from common import UserError, run_main, load_model, gpt2_encoding
+from common import UserError, run_main, load_trained, gpt2_encoding, checkpoint_path
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the train.py run whose ckpt.pt is exported
@@ -33,100 +34,6 @@ hf_dir = ""  # the folder to write; "" means out_dir/hf
 dtype = "float32"  # 'float32' (exact) | 'bfloat16' (half the size, for sharing)
 overwrite = False  # replace an earlier export in hf_dir
 # -----------------------------------------------------------------------------
-
-GELU = "gelu_pytorch_tanh"  # transformers' name for F.gelu(approximate="tanh"), the GELU of our MLP
-
-
-def target_architecture(config: GPTConfig) -> str:
-    """'gpt2' or 'starcoder2' for a GPTConfig; a UserError naming the setting no architecture can hold."""
-    windows = config.window if isinstance(config.window, tuple) else (config.window,) * config.n_layer
-    if not config.rope:
-        if config.n_kv_head != config.n_head:
-            raise UserError(f"cannot export n_kv_head={config.n_kv_head} (grouped-query attention) with learned positions "
-                            f"(rope=False): no transformers architecture holds both; GPT2LMHeadModel is multi-head only. "
-                            f"Multi-head models with learned positions export as GPT2LMHeadModel, rope=True models "
-                            f"(grouped-query or not) as Starcoder2ForCausalLM")
-        if any(w is not None for w in windows):
-            raise UserError(f"cannot export window={config.window} with learned positions (rope=False): GPT2LMHeadModel "
-                            f"has no sliding window. Models with learned positions and no window export as "
-                            f"GPT2LMHeadModel, rope=True models with one window for every layer as Starcoder2ForCausalLM")
-        return "gpt2"
-    if len(set(windows)) > 1:
-        raise UserError(f"cannot export window={list(config.window)}: the layers differ, and Starcoder2ForCausalLM (the "
-                        f"transformers architecture with our rotary LayerNorm-GELU blocks) has one sliding_window for "
-                        f"all layers. The same window in every layer, or none, exports")
-    return "starcoder2"
-
-
-def common_window(config):
-    """The one window of every layer (None: full causal attention)."""
-    return config.layer_window(0)
-
-
-# -----------------------------------------------------------------------------
-# config and weights
-
-def hf_config(arch, config, n_tokens, eos_id):
-    """The transformers config of the same model. Dropout maps onto the same three places (embeddings,
-    attention probabilities, each block's two residual branches); GPT-2's Conv1D needs no setting."""
-    from transformers import GPT2Config, Starcoder2Config
-    if arch == "gpt2":
-        return GPT2Config(vocab_size=n_tokens, n_positions=config.block_size, n_embd=config.n_embd,
-                          n_layer=config.n_layer, n_head=config.n_head, n_inner=None, activation_function=GELU,
-                          resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
-                          layer_norm_epsilon=LAYER_NORM_EPS, bos_token_id=eos_id, eos_token_id=eos_id,
-                          tie_word_embeddings=True, architectures=["GPT2LMHeadModel"])
-    # Starcoder2's sliding window counts the query itself, as ours does: key j is seen from query i
-    # when i - window < j <= i (transformers' masking_utils.sliding_window_overlay), so W maps to W
-    return Starcoder2Config(vocab_size=n_tokens, hidden_size=config.n_embd, intermediate_size=4 * config.n_embd,
-                            num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
-                            num_key_value_heads=config.n_kv_head, hidden_act=GELU,
-                            max_position_embeddings=config.block_size, norm_epsilon=LAYER_NORM_EPS,
-                            rope_parameters={"rope_type": "default", "rope_theta": float(config.rope_theta)},
-                            sliding_window=common_window(config), use_bias=config.bias,
-                            attention_dropout=config.dropout, residual_dropout=config.dropout,
-                            embedding_dropout=config.dropout, bos_token_id=eos_id, eos_token_id=eos_id,
-                            tie_word_embeddings=True, architectures=["Starcoder2ForCausalLM"])
-
-
-def hf_state_dict(arch, model, n_tokens):
-    """Our weights under the architecture's names, the embedding cut to the tokenizer's n_tokens rows
-    (the padding rows of a 50304-row GPT-2 embedding are never a target, so never predicted).
-    bias=False: GPT-2 has biases everywhere, Starcoder2 in its LayerNorms; zeros there are exact."""
-    config = model.config
-    sd = {name: t.detach() for name, t in model.state_dict().items()}
-    sd["transformer.wte.weight"] = sd["transformer.wte.weight"][:n_tokens]
-    if not config.bias:
-        for name, weight in list(sd.items()):
-            if name.endswith(".weight") and ("ln_" in name or name.endswith(GPT2_TRANSPOSED)):
-                sd[name.replace(".weight", ".bias")] = weight.new_zeros(weight.shape[0])
-    if arch == "gpt2":
-        out = {name: (t.t() if name.endswith(GPT2_TRANSPOSED) else t) for name, t in sd.items()}
-    else:
-        out = {}
-        for ours, theirs in starcoder2_names(config.n_layer).items():
-            for kind in ("weight", "bias"):
-                layer_norm = ours.endswith(("ln_1", "ln_2", "ln_f"))  # Starcoder2's LayerNorms always have biases
-                if f"{ours}.{kind}" in sd and (config.bias or kind == "weight" or layer_norm):
-                    out[f"{theirs}.{kind}"] = sd[f"{ours}.{kind}"]
-        q_size, kv_size = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
-        for i in range(config.n_layer):
-            for kind in ("weight", "bias") if config.bias else ("weight",):
-                parts = sd[f"transformer.h.{i}.attn.c_attn.{kind}"].split([q_size, kv_size, kv_size], dim=0)
-                for proj, part in zip(STARCODER2_QKV, parts):
-                    out[f"model.layers.{i}.{proj}.{kind}"] = part
-    out["lm_head.weight"] = out["transformer.wte.weight" if arch == "gpt2" else "model.embed_tokens.weight"]
-    return out
-
-
-def build_hf_model(arch, config, n_tokens, eos_id, model, torch_dtype):
-    from transformers import GPT2LMHeadModel, Starcoder2ForCausalLM
-    hf_cls = GPT2LMHeadModel if arch == "gpt2" else Starcoder2ForCausalLM
-    hf_model = hf_cls(hf_config(arch, config, n_tokens, eos_id))
-    hf_model.load_state_dict(hf_state_dict(arch, model, n_tokens), strict=True)
-    hf_model.tie_weights()
-    return hf_model.to(torch_dtype).eval()
-
 
 # -----------------------------------------------------------------------------
 # tokenizers
@@ -202,7 +109,7 @@ def write_char_tokenizer(folder, chars, block_size):
 
 def model_card(arch, model, checkpoint, chars, n_tokens, torch_dtype, name):
     cfg = model.config
-    hf_name = "GPT2LMHeadModel" if arch == "gpt2" else "Starcoder2ForCausalLM"
+    hf_name = HF_CLASS_NAMES[arch]
     best = checkpoint.get("best_val_loss")
     rows = [("architecture", f"`{hf_name}`"), ("parameters", f"{model.get_num_params():,} (ours, embedding counted once)"),
             ("layers, heads, width", f"{cfg.n_layer}, {cfg.n_head}, {cfg.n_embd}"),
@@ -241,7 +148,7 @@ def check_destination(folder, overwrite):
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"hf_dir {folder!r} is a file; choose a folder")
     if os.path.isdir(folder) and os.listdir(folder):
-        if os.path.exists(os.path.join(folder, "ckpt.pt")) or not os.path.exists(os.path.join(folder, "config.json")):
+        if os.path.exists(checkpoint_path(folder)) or not os.path.exists(os.path.join(folder, "config.json")):
             raise UserError(f"hf_dir {folder!r} holds files that are not an earlier export; choose an empty or new folder")
         if not overwrite:
             raise UserError(f"hf_dir {folder!r} already holds an export; pass --overwrite=True to replace it")
@@ -261,9 +168,12 @@ def export(out_dir: str, hf_dir: str, dtype: str = "float32", overwrite: bool = 
         raise UserError(f"unknown dtype {dtype!r}; use float32 (exact) or bfloat16 (half the size)")
     hf_dir = os.path.abspath(hf_dir)
     check_destination(hf_dir, overwrite)
-    loaded = load_model("resume", out_dir)
+    loaded = load_trained(out_dir)
     model, chars, checkpoint = loaded.model.eval(), loaded.chars, loaded.checkpoint
-    arch = target_architecture(model.config)
+    try:
+        target_architecture(model.config)  # refused before anything is written
+    except ConfigError as e:
+        raise UserError(str(e)) from None
     n_tokens = len(chars) if chars is not None else GPT2_VOCAB_SIZE
     if model.config.vocab_size < n_tokens:
         raise UserError(f"the model has {model.config.vocab_size} token rows but its tokenizer {n_tokens} tokens")
@@ -280,7 +190,7 @@ def export(out_dir: str, hf_dir: str, dtype: str = "float32", overwrite: bool = 
     except OSError as e:
         raise UserError(f"cannot write into {parent!r} ({e.strerror}); choose another --hf_dir") from None
     try:
-        hf_model = build_hf_model(arch, model.config, n_tokens, eos_id, model, torch_dtype)
+        arch, hf_model = build_hf_model(model, n_tokens, eos_id, torch_dtype)
         hf_model.save_pretrained(staging)
         if arch == "starcoder2":
             # transformers 5 writes rope_theta inside rope_parameters; earlier versions and other readers
@@ -316,8 +226,7 @@ def main() -> None:
     apply_overrides(globals(), sys.argv[1:])
     folder = hf_dir or os.path.join(out_dir, "hf")
     arch = export(out_dir, folder, dtype, overwrite)
-    name = "GPT2LMHeadModel" if arch == "gpt2" else "Starcoder2ForCausalLM"
-    print(f"exported {os.path.join(out_dir, 'ckpt.pt')} as {name} ({dtype}) to {folder}")
+    print(f"exported {checkpoint_path(out_dir)} as {HF_CLASS_NAMES[arch]} ({dtype}) to {folder}")
 
 
 if __name__ == "__main__":

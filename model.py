@@ -16,8 +16,9 @@ References:
 """
 
 import math
-from collections.abc import Iterator
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields, asdict
 
 import torch
@@ -107,28 +108,29 @@ class GPTConfig:
 # dimension i is rotated together with dimension i + head_dim/2, by angle position * theta^(-2i/head_dim).
 
 def rope_cos_sin(positions, head_dim, theta, dtype=torch.float32):
-    """
-    cos and sin tables of shape (len(positions), head_dim) for the given integer positions. The sin
-    table carries rotate_half's sign (its first half negated), so that applying it is x * cos plus
-    x with its halves swapped (one roll) times sin: fewer operations per layer than negating and
-    concatenating the halves of x, and bitwise the same result.
-    """
+    """cos and sin of the rotation angles, each (len(positions), head_dim/2): row p, column i holds the
+    angle p * theta^(-2i/head_dim) of the pair (i, i + head_dim/2)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     angles = positions.float()[:, None] * inv_freq[None, :]
-    sin = angles.sin()
-    return torch.cat((angles, angles), dim=-1).cos().to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """x (..., head_dim) with cos, sin from rope_cos_sin broadcasting against it: (T, head_dim) for
-    x (B, n_heads, T, head_dim), (T, 1, head_dim) for x (B, T, n_heads, head_dim)."""
+    """Rotates each pair (x1, x2) = (x[..., i], x[..., i + head_dim/2]) by its angle. x is (..., head_dim);
+    cos, sin from rope_cos_sin broadcast against either half: (T, head_dim/2) for x (B, n_heads, T, head_dim),
+    (T, 1, head_dim/2) for x (B, T, n_heads, head_dim)."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # under autocast on a GPU q, k are bf16: keep them so, like v
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 # -----------------------------------------------------------------------------
-# Attention kernels. All take q (B, H, T, D) and k, v (B, Hkv, S, D), with H a multiple of Hkv:
+# Attention kernels. causal_attention picks one of ATTENTION_IMPLS ('auto' chooses by device and shape).
+# All take q (B, H, T, D) and k, v (B, Hkv, S, D), with H a multiple of Hkv:
 # query head h uses key/value head h // (H // Hkv), SDPA's enable_gqa convention.
+
+ATTENTION_IMPLS = ("auto", "dense", "blocked", "flex")
+
 
 def causal_window_mask(q_pos, k_pos, window=None):
     """The attention rule in one place: query position i sees key position j when i - window < j <= i
@@ -215,8 +217,8 @@ def flex_window_attention(q, k, v, window):
 
 def attends_in_float32(x, T, head_dim):
     """
-    PyTorch's CPU attention kernels are slower in bf16 than in fp32 for short sequences (T=64, head_dim
-    32: forward+backward 2.2x slower), which made bf16 autocast training no faster than fp32 on a CPU.
+    PyTorch's CPU attention kernels are slower in bf16 than in fp32 for short sequences, which made bf16
+    autocast training no faster than fp32 on a CPU (measured: docs, "Measurements", CPU attention in bf16).
     Attention on the CPU under low precision (x, the queries or the qkv projection, in bf16/fp16, or
     CPU autocast on) runs in fp32 there, exact for bf16 inputs; long sequences are faster in bf16.
     """
@@ -227,7 +229,7 @@ def attends_in_float32(x, T, head_dim):
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None, impl: str = "auto",
                      dropout_p: float = 0.0) -> torch.Tensor:
     """
-    Picks the kernel. impl: 'auto' | 'dense' | 'blocked' | 'flex'.
+    Picks the kernel. impl: one of ATTENTION_IMPLS.
     'auto' uses dense SDPA unless a window is much shorter than a long sequence, where the blocked
     kernel's linear cost wins; on CUDA under torch.compile it uses FlexAttention's block-sparse kernel
     (without compile FlexAttention runs an unfused reference path, slower than the blocked kernel).
@@ -242,8 +244,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
         if q.device.type == "cuda" and dropout_p == 0.0 and torch.compiler.is_compiling():
             impl = "flex"
         else:
-            # the blocked kernel's padded bands cost more than they save on short sequences: measured on a
-            # CPU, forward+backward, it is 2x slower at T=64 and even at T=256, 2x faster at T=512 (window 16 or 64)
+            # the blocked kernel's padded bands cost more than they save on short sequences; from T=512 on
+            # they save more (measured with bench.py --mode=attention on a CPU, windows 16 and 64)
             impl = "blocked" if T >= max(4 * window, 512) else "dense"
     if impl == "flex":
         if dropout_p > 0.0:
@@ -289,10 +291,11 @@ class KVCache:
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, Hkv, T, D) for positions pos..pos+T-1 and return what this layer attends to."""
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, Hkv, T, D) for positions pos..pos+T-1. Returns (keys, values): every position the
+        layer's buffer holds now, the new ones included (a rolling buffer's slots are not in position order)."""
         T = k.shape[2]
-        keys, values, w = self.keys[layer], self.values[layer], self.windows[layer]
+        keys, values, w = self.keys[layer_idx], self.values[layer_idx], self.windows[layer_idx]
         size = keys.shape[2]
         # only a buffer exactly `window` long may roll: one cut shorter by max_positions would drop
         # positions still inside the window, so it fills up and then overflows like a global layer's
@@ -303,15 +306,14 @@ class KVCache:
             keys[:, :, self.pos:self.pos + T] = k
             values[:, :, self.pos:self.pos + T] = v
             return keys[:, :, :self.pos + T], values[:, :, :self.pos + T]
-        # rolling buffer (windowed layer). Prefill longer than the window: attention over the fresh
-        # keys is done by the caller; keep only the last `size` positions.
+        # rolling buffer (windowed layer). A prefill longer than the window keeps its last `size` positions
         if T > 1:
             if self.pos != 0:
                 raise ConfigError("the rolling cache takes a multi-token prefill only when empty")
             last = torch.arange(T - size, T, device=k.device)
             keys[:, :, last % size] = k[:, :, -size:].to(keys.dtype)  # index writes do not cast by themselves
             values[:, :, last % size] = v[:, :, -size:].to(values.dtype)
-            return None
+            return keys, values
         slot = self.pos % size
         keys[:, :, slot:slot + 1] = k
         values[:, :, slot:slot + 1] = v
@@ -323,10 +325,10 @@ class KVCache:
 
 class CausalSelfAttention(nn.Module):
 
-    def __init__(self, config, layer):
+    def __init__(self, config, layer_idx):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.layer, self.window, self.dropout = layer, config.layer_window(layer), config.dropout
+        self.layer_idx, self.window, self.dropout = layer_idx, config.layer_window(layer_idx), config.dropout
         # queries, keys and values in one projection, as GPT-2: [q (n_head*hd) | k (n_kv*hd) | v (n_kv*hd)]
         self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * self.head_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -346,21 +348,26 @@ class CausalSelfAttention(nn.Module):
         q, k = qk.split([self.n_head, self.n_kv_head], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, D)
         dropout_p = self.dropout if self.training else 0.0
-        cached = kv_cache.update(self.layer, k, v) if kv_cache is not None else None
-        if cached is None or kv_cache.pos == 0:
-            # training, evaluation, or a prefill from an empty cache: the new tokens see only each other
+        if kv_cache is None:  # training and evaluation: the tokens of x see each other
             y = causal_attention(q, k, v, self.window, self.attn_impl, dropout_p)
-        else:
-            k_all, v_all = cached
-            if T == 1:  # one new token sees everything the cache holds (the rolling buffer is its window)
-                y = F.scaled_dot_product_attention(q, k_all, v_all, enable_gqa=self.n_head != self.n_kv_head)
-            else:  # several new tokens after cached ones (global layers, or windows not yet full)
-                S = k_all.shape[2]
-                key_pos = torch.arange(S, device=x.device)
-                mask = causal_window_mask(key_pos[S - T:, None], key_pos[None, :], self.window)
-                y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=self.n_head != self.n_kv_head)
+        else:  # generation: the new tokens see what the cache holds before them, and each other
+            y = self.attend_through_cache(q, k, v, kv_cache, dropout_p)
         y = y.to(compute_dtype).transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def attend_through_cache(self, q, k, v, kv_cache, dropout_p):
+        T, first_new = q.shape[2], kv_cache.pos
+        k_all, v_all = kv_cache.update(self.layer_idx, k, v)
+        if first_new == 0:  # a prefill: the cache holds nothing older, and a rolling buffer may have dropped some of k
+            return causal_attention(q, k, v, self.window, self.attn_impl, dropout_p)
+        gqa = self.n_head != self.n_kv_head
+        if T == 1:  # one new token sees everything the cache holds (the rolling buffer is its window)
+            return F.scaled_dot_product_attention(q, k_all, v_all, enable_gqa=gqa)
+        # several new tokens after cached ones (global layers, or windows not yet full: slots in position order)
+        S = k_all.shape[2]
+        key_pos = torch.arange(S, device=q.device)
+        mask = causal_window_mask(key_pos[S - T:, None], key_pos[None, :], self.window)
+        return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=gqa)
 
 
 class MLP(nn.Module):
@@ -377,10 +384,10 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
 
-    def __init__(self, config, layer):
+    def __init__(self, config, layer_idx):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config, layer)
+        self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
@@ -398,7 +405,7 @@ class GPT(nn.Module):
         modules = dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         )
         if not config.rope:
@@ -430,9 +437,9 @@ class GPT(nn.Module):
         return n_params
 
     def set_attention_impl(self, impl):
-        """'auto' | 'dense' | 'blocked' | 'flex': how windowed layers compute attention."""
-        if impl not in ("auto", "dense", "blocked", "flex"):
-            raise ConfigError(f"attention impl must be auto, dense, blocked or flex, got {impl!r}")
+        """One of ATTENTION_IMPLS: how windowed layers compute attention."""
+        if impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention impl must be one of {', '.join(ATTENTION_IMPLS)}, got {impl!r}")
         for block in self.transformer.h:
             block.attn.attn_impl = impl
 
@@ -491,60 +498,8 @@ class GPT(nn.Module):
         override_args may set dropout, block_size (smaller only with learned positions), window, or
         n_kv_head: fewer key/value heads are made by mean-pooling the heads of each group (Ainslie et al., 2023).
         """
-        override_args = dict(override_args or {})
-        allowed = set(GPTConfig.PRETRAINED_OVERRIDES)
-        unknown = set(override_args) - allowed
-        if unknown:
-            raise ConfigError(f"from_pretrained can override only {sorted(allowed)}, not {sorted(unknown)}")
-        from safetensors import SafetensorError
-        from transformers import AutoConfig, GPT2LMHeadModel, Starcoder2ForCausalLM
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()  # a progress bar per load is noise in logs and tests
-        try:
-            hf = AutoConfig.from_pretrained(name_or_path)  # small: check that it fits before loading weights
-        except (OSError, ValueError) as e:  # no network, no such directory, no config.json, unknown model_type
-            raise _pretrained_load_error(name_or_path, e) from None
-        if hf.model_type not in ("gpt2", "starcoder2"):
-            raise ConfigError(f"{name_or_path!r} is a {hf.model_type!r} model; from_pretrained reads gpt2 "
-                              f"(GPT2LMHeadModel) and starcoder2 (Starcoder2ForCausalLM) checkpoints")
-        config_args = _gpt2_config_args(hf) if hf.model_type == "gpt2" else _starcoder2_config_args(hf)
-        source_kv_head = config_args["n_kv_head"]
-        if not config_args["rope"] and override_args.get("block_size", hf.n_positions) > hf.n_positions:
-            raise ConfigError(f"block_size={override_args['block_size']} is larger than the {hf.n_positions} "
-                              f"positions {name_or_path!r} was trained with")
-        config_args.update(override_args)
-        config = GPTConfig(**config_args)  # the settings are checked before the weights are read
-        if source_kv_head % config.n_kv_head != 0:
-            raise ConfigError(f"n_kv_head={config.n_kv_head} must divide the {source_kv_head} key/value heads "
-                              f"of {name_or_path!r}")
-        hf_class = GPT2LMHeadModel if hf.model_type == "gpt2" else Starcoder2ForCausalLM
-        try:
-            hf_sd = hf_class.from_pretrained(name_or_path).state_dict()
-        except (OSError, ValueError, SafetensorError) as e:  # missing or damaged weight files
-            raise _pretrained_load_error(name_or_path, e) from None
-
-        if hf.model_type == "gpt2":
-            # transformers' GPT-2 uses Conv1D modules, whose weights are the transpose of nn.Linear's
-            source = {name: (t.t() if name.endswith(GPT2_TRANSPOSED) else t) for name, t in hf_sd.items()}
-        else:
-            source = _starcoder2_to_ours(hf_sd, config.n_layer)
-            # use_bias=False leaves Linears without biases but LayerNorms with them: our bias=False holds
-            # that when the LayerNorm biases are zero (export_hf.py writes zeros), else bias=True with zeros
-            if not hf.use_bias and not any(t.any() for name, t in source.items() if name.endswith(".bias")):
-                config = GPTConfig(**{**config_args, "bias": False})
-        model = cls(config)
-
-        with torch.no_grad():
-            for name, target in model.state_dict().items():
-                value = source["transformer.wte.weight" if name == "lm_head.weight" else name]  # tied
-                if name == "transformer.wpe.weight":
-                    value = value[:config.block_size]
-                if name.endswith(("attn.c_attn.weight", "attn.c_attn.bias")):
-                    value = _pool_kv_heads(value, config.n_head, source_kv_head, config.n_kv_head, config.head_dim)
-                if value.shape != target.shape:
-                    raise ConfigError(f"shape mismatch for {name}: checkpoint {tuple(value.shape)} vs model {tuple(target.shape)}")
-                target.copy_(value)
-        return model
+        from hf_bridge import load_pretrained
+        return load_pretrained(cls, name_or_path, override_args)
 
     # -------------------------------------------------------------------------
     # Training helpers
@@ -555,7 +510,7 @@ class GPT(nn.Module):
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if fused is None:  # one kernel for every parameter; on a CPU 2.7x faster than the per-tensor loop here
+        if fused is None:  # one kernel for every parameter, faster than the per-tensor loop on CPUs too
             fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
 
@@ -595,50 +550,52 @@ class GPT(nn.Module):
         device_type = idx.device.type
         cache_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
                        else self.lm_head.weight.dtype)
-        # A cached step on a CPU reads every weight once; see _decode_layout for the layout it reads fastest
-        relaid = self._decode_layout(B) if use_cache and device_type == "cpu" else []
-        try:
-            for p in relaid:
-                p.data = p.data.t().contiguous().t()  # the same values and shape, stored (in, out)
+        decode_layout = self.cpu_decode_layout(B) if use_cache and device_type == "cpu" else nullcontext()
+        with decode_layout:  # left also when the caller stops early: the model leaves as it came
             # every token so far, written in place: no concatenation of the whole sequence per token
             seq = idx.new_empty((B, T + max_new_tokens))
             seq[:, :T] = idx
             cache = None
-            for n in range(T, T + max_new_tokens):  # n tokens are known
+            for known in range(T, T + max_new_tokens):  # the number of tokens known so far
                 if not use_cache:
-                    context = seq[:, :n] if unbounded else seq[:, max(0, n - cfg.block_size):n]
+                    context = seq[:, :known] if unbounded else seq[:, max(0, known - cfg.block_size):known]
                     logits, _ = self(context, last_only=True)
                 elif cache is None or (not unbounded and cache.pos >= cfg.block_size):
                     # (re)fill the cache from the prompt, or from the recent context after a slide
-                    keep = n if unbounded else min(n, cfg.block_size if cache is None else cfg.block_size // 2)
-                    positions = KVCache.positions_needed(cfg, keep, T + max_new_tokens - n, beyond_block_size)
+                    keep = known if unbounded else min(known, cfg.block_size if cache is None else cfg.block_size // 2)
+                    positions = KVCache.positions_needed(cfg, keep, T + max_new_tokens - known, beyond_block_size)
                     cache = KVCache(cfg, B, positions, idx.device, cache_dtype)
-                    logits, _ = self(seq[:, n - keep:n], kv_cache=cache, last_only=True)
+                    logits, _ = self(seq[:, known - keep:known], kv_cache=cache, last_only=True)
                 else:
-                    logits, _ = self(seq[:, n - 1:n], kv_cache=cache, last_only=True)
+                    logits, _ = self(seq[:, known - 1:known], kv_cache=cache, last_only=True)
                 next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
-                seq[:, n:n + 1] = next_token
+                seq[:, known:known + 1] = next_token
                 yield next_token
-        finally:  # also when the caller stops early: the model leaves as it came
+
+    @contextmanager
+    def cpu_decode_layout(self, batch_size):
+        """
+        Stores, while inside, the float32 weights that a cached decoding step on a CPU reads faster as
+        (in, out) than as nn.Linear's (out, in): MKL's matrix-vector product reads columns of (in, out)
+        faster than rows of (out, in) (measured, experiments/decode_vs_transformers.sh). That holds for
+        the vocabulary projection (tied to wte, whose lookups do not mind) at batch 1 and 8; for c_attn,
+        attn.c_proj and mlp.c_fc at batch 1 only, and mlp.c_proj is faster as it is. The values and shapes
+        stay; one matrix is copied at a time, so there is never a second copy of the model.
+        """
+        relaid = []
+        if self.lm_head.weight.dtype == torch.float32:
+            relaid = [self.lm_head.weight]
+            if batch_size == 1:
+                for block in self.transformer.h:
+                    relaid += [block.attn.c_attn.weight, block.attn.c_proj.weight, block.mlp.c_fc.weight]
+            relaid = [p for p in relaid if p.is_contiguous()]
+        try:
+            for p in relaid:
+                p.data = p.data.t().contiguous().t()  # the same values and shape, stored (in, out)
+            yield
+        finally:
             for p in relaid:
                 p.data = p.data.contiguous()
-
-    def _decode_layout(self, batch_size):
-        """
-        The float32 weights that a cached decoding step on a CPU reads faster stored (in, out) than as
-        nn.Linear's (out, in): MKL's matrix-vector product reads the rows of (out, in) at ~10 GB/s per core
-        here and the columns of (in, out) at ~15-19 (measured, experiments/decode_vs_transformers.sh). For
-        the vocabulary projection (tied to wte, whose lookups do not mind) that holds at batch 1 and 8; for
-        c_attn, attn.c_proj and mlp.c_fc at batch 1 only, and mlp.c_proj is faster as it is. generate_stream
-        re-lays them for its duration (one matrix copied at a time: no second copy of the model) and back.
-        """
-        if self.lm_head.weight.dtype != torch.float32:
-            return []
-        params = [self.lm_head.weight]
-        if batch_size == 1:
-            for block in self.transformer.h:
-                params += [block.attn.c_attn.weight, block.attn.c_proj.weight, block.mlp.c_fc.weight]
-        return [p for p in params if p.is_contiguous()]
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -661,104 +618,6 @@ def load_model_state(model, state_dict):
         shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
         raise ConfigError(f"checkpoint does not match the model architecture: {shown}")
     model.load_state_dict(state_dict)
-
-
-# -----------------------------------------------------------------------------
-# The Hugging Face formats: what GPT.from_pretrained reads and export_hf.py writes
-
-GPT2_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # Conv1D there
-TANH_GELU_NAMES = ("gelu_pytorch_tanh", "gelu_new")  # transformers' names for our GELU, the tanh approximation
-LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which every LayerNorm here uses
-STARCODER2_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # our c_attn, stacked in this order
-
-
-def starcoder2_names(n_layer: int) -> dict[str, str]:
-    """Our module names -> Starcoder2ForCausalLM's (each with .weight and .bias), all but c_attn,
-    which is Starcoder2's STARCODER2_QKV stacked. lm_head is tied to the embedding in both."""
-    names = {"transformer.wte": "model.embed_tokens", "transformer.ln_f": "model.norm"}
-    for i in range(n_layer):
-        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
-        names.update({ours + "ln_1": theirs + "input_layernorm", ours + "attn.c_proj": theirs + "self_attn.o_proj",
-                      ours + "ln_2": theirs + "post_attention_layernorm", ours + "mlp.c_fc": theirs + "mlp.c_fc",
-                      ours + "mlp.c_proj": theirs + "mlp.c_proj"})
-    return names
-
-
-def _starcoder2_to_ours(hf_sd, n_layer):
-    """A Starcoder2ForCausalLM state dict under our names, with zero biases for the Linears of a
-    use_bias=False checkpoint (the same function)."""
-    sd = {}
-    for ours, theirs in starcoder2_names(n_layer).items():
-        for kind in ("weight", "bias"):
-            if f"{theirs}.{kind}" in hf_sd:
-                sd[f"{ours}.{kind}"] = hf_sd[f"{theirs}.{kind}"]
-    for i in range(n_layer):
-        for kind in ("weight", "bias"):
-            parts = [hf_sd.get(f"model.layers.{i}.{proj}.{kind}") for proj in STARCODER2_QKV]
-            if parts[0] is not None:
-                sd[f"transformer.h.{i}.attn.c_attn.{kind}"] = torch.cat(parts, dim=0)
-    for name, weight in list(sd.items()):
-        linear = name.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"))
-        if linear and name.replace(".weight", ".bias") not in sd:
-            sd[name.replace(".weight", ".bias")] = weight.new_zeros(weight.shape[0])
-    return sd
-
-
-def _check_hf_field(hf, field, ok, needed):
-    if not ok:
-        raise ConfigError(f"{hf.model_type} checkpoint has {field}={getattr(hf, field, None)!r}, but this GPT "
-                          f"needs {needed}: no parameter mapping can hold that")
-
-
-def _gpt2_config_args(hf):
-    """GPTConfig arguments of a GPT2Config, after checking that its blocks are ours."""
-    _check_hf_field(hf, "activation_function", hf.activation_function in TANH_GELU_NAMES, f"one of {TANH_GELU_NAMES}")
-    _check_hf_field(hf, "layer_norm_epsilon", hf.layer_norm_epsilon == LAYER_NORM_EPS, LAYER_NORM_EPS)
-    _check_hf_field(hf, "n_inner", hf.n_inner in (None, 4 * hf.n_embd), f"None or 4 * n_embd = {4 * hf.n_embd}")
-    _check_hf_field(hf, "scale_attn_weights", hf.scale_attn_weights, True)
-    _check_hf_field(hf, "scale_attn_by_inverse_layer_idx", not hf.scale_attn_by_inverse_layer_idx, False)
-    _check_hf_field(hf, "tie_word_embeddings", hf.tie_word_embeddings, True)
-    return dict(n_layer=hf.n_layer, n_head=hf.n_head, n_kv_head=hf.n_head, n_embd=hf.n_embd,
-                block_size=hf.n_positions, vocab_size=hf.vocab_size, bias=True, dropout=0.0, rope=False)
-
-
-def _starcoder2_config_args(hf):
-    """GPTConfig arguments of a Starcoder2Config, after checking that its blocks are ours (bias is
-    settled once the weights are read)."""
-    _check_hf_field(hf, "hidden_act", hf.hidden_act in TANH_GELU_NAMES, f"one of {TANH_GELU_NAMES}")
-    _check_hf_field(hf, "norm_epsilon", hf.norm_epsilon == LAYER_NORM_EPS, LAYER_NORM_EPS)
-    _check_hf_field(hf, "intermediate_size", hf.intermediate_size == 4 * hf.hidden_size,
-                    f"4 * hidden_size = {4 * hf.hidden_size}")
-    _check_hf_field(hf, "tie_word_embeddings", hf.tie_word_embeddings, True)
-    head_dim = getattr(hf, "head_dim", None)
-    _check_hf_field(hf, "head_dim", head_dim in (None, hf.hidden_size // hf.num_attention_heads),
-                    f"hidden_size / num_attention_heads = {hf.hidden_size // hf.num_attention_heads}")
-    rope = dict(getattr(hf, "rope_parameters", None) or {})
-    _check_hf_field(hf, "rope_parameters", rope.get("rope_type", "default") == "default" and
-                    rope.get("partial_rotary_factor", 1.0) == 1.0, "plain rotary embedding (rope_type 'default', no scaling)")
-    return dict(n_layer=hf.num_hidden_layers, n_head=hf.num_attention_heads, n_kv_head=hf.num_key_value_heads,
-                n_embd=hf.hidden_size, block_size=hf.max_position_embeddings, vocab_size=hf.vocab_size,
-                bias=True, dropout=0.0, rope=True, rope_theta=float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))),
-                window=hf.sliding_window)
-
-
-def _pretrained_load_error(name_or_path, e):
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return OSError(f"could not load checkpoint {name_or_path!r} ({reason}). Without a network, save it on a machine "
-                   f"that has one (GPT2LMHeadModel.from_pretrained('gpt2').save_pretrained('gpt2-local')) "
-                   f"and pass that directory instead")
-
-
-def _pool_kv_heads(weight, n_head, source_kv_head, n_kv_head, head_dim):
-    """c_attn weight or bias [q | k | v] with source_kv_head key/value heads -> n_kv_head of them, each
-    the mean of a group of consecutive heads (query head h keeps using kv head h // (n_head // n_kv_head))."""
-    if n_kv_head == source_kv_head:
-        return weight
-    q, k, v = weight.split([n_head * head_dim, source_kv_head * head_dim, source_kv_head * head_dim], dim=0)
-    group = source_kv_head // n_kv_head
-    def pool(x):
-        return x.reshape(n_kv_head, group, head_dim, *x.shape[1:]).mean(dim=1).reshape(n_kv_head * head_dim, *x.shape[1:])
-    return torch.cat((q, pool(k), pool(v)), dim=0)
 
 
 def validate_sampling(max_new_tokens, temperature, top_k, top_p):

@@ -249,10 +249,9 @@ def test_rope_matches_transformers_llama():
     ref_cos, ref_sin = reference_cos_sin(positions, D, theta)
     torch.testing.assert_close(hf_cos[0], ref_cos, atol=1e-6, rtol=0)
     cos, sin = M.rope_cos_sin(positions, D, theta)
-    assert cos.shape == (T, D)
-    torch.testing.assert_close(cos, hf_cos[0], atol=1e-5, rtol=0)
-    # the sin table carries rotate_half's sign: -sin on the first half, +sin on the second
-    torch.testing.assert_close(sin, torch.cat((-hf_sin[0, :, :D // 2], hf_sin[0, :, D // 2:]), dim=-1), atol=1e-5, rtol=0)
+    assert cos.shape == (T, D // 2)  # one angle per pair (i, i + D/2); transformers repeats it for both halves
+    torch.testing.assert_close(torch.cat((cos, cos), dim=-1), hf_cos[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat((sin, sin), dim=-1), hf_sin[0], atol=1e-5, rtol=0)
     q_ref, k_ref = apply_rotary_pos_emb(q, k, hf_cos, hf_sin)
     torch.testing.assert_close(M.apply_rope(q, cos, sin), q_ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(M.apply_rope(k, cos, sin), k_ref, atol=1e-5, rtol=0)
