@@ -9,7 +9,7 @@ Measures, never asserts timings. Three modes, all on synthetic data:
                                             # greedy tokens checked identical, tokens/s of each and the ratio
 
 Model and run settings are --key=value as in train.py (configurator.py); every GPTConfig field is a
-setting of the same name. Each setting is checked against its range before any work. Warm-up runs are
+setting of the same name and default. Each setting is checked against its range before any work. Warm-up runs are
 timed separately and left out. Peak memory is the CUDA allocator's peak on GPU, and the process's
 peak resident set (VmHWM, reset before each measurement) on Linux CPUs.
 """
@@ -20,19 +20,27 @@ import json
 import time
 import tempfile
 import statistics
-from dataclasses import fields
 
 import torch
 
-from model import GPTConfig, KVCache, ConfigError, causal_attention
+from model import GPTConfig, KVCache, ConfigError, ATTENTION_IMPLS, causal_attention
 from configurator import apply_overrides
-from common import UserError, run_main, pick_device, pick_dtype, autocast_context, estimate_mfu, load_model
+from common import UserError, run_main, range_check, pick_device, pick_dtype, autocast_context, estimate_mfu, new_model, load_pretrained
 
 # -----------------------------------------------------------------------------
 mode = "train"  # 'train' | 'attention' | 'generate'
-# model: every GPTConfig field is a setting here, with GPTConfig's default (GPT-2 small, vocabulary padded to 50304):
-# n_layer, n_head, n_embd, block_size, vocab_size, dropout, bias, rope, rope_theta, n_kv_head, window, ...
-globals().update({f.name: f.default for f in fields(GPTConfig)})
+# model: GPTConfig's fields (model.py) with its defaults: GPT-2 small, vocabulary padded to 50304
+block_size = 1024
+vocab_size = 50304
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0
+bias = True
+rope = False
+rope_theta = 10000.0
+n_kv_head = None  # None: n_head
+window = None  # None: full causal attention; W, or a tuple with one per layer
 attn_impl = "auto"  # 'auto' | 'dense' | 'blocked' | 'flex' for windowed layers
 # train mode
 batch_size = 8
@@ -63,8 +71,13 @@ seed = 1337
 json_out = ""  # also append the results as one JSON line to this file
 # -----------------------------------------------------------------------------
 
-_MODES = ("train", "attention", "generate")
-_ATTENTION_IMPLS = ("full", "window-dense", "window-blocked", "window-flex")
+# the settings above that are GPTConfig fields; tests/test_configurator.py checks that this is all of them
+MODEL_SETTINGS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "rope", "rope_theta",
+                  "n_kv_head", "window")
+MODES = ("train", "attention", "generate")
+# the kernels --mode=attention times: the window W of --bench_window through each kernel, or no window
+ATTENTION_RUNS = {"full": (None, "dense"), "window-dense": ("window", "dense"), "window-blocked": ("window", "blocked"),
+                  "window-flex": ("window", "flex")}
 
 
 def is_int(value):
@@ -73,34 +86,36 @@ def is_int(value):
 
 def check_settings():
     """Every setting against its range, before any work: one line naming the key, exit 1."""
-    def need(ok, key, expected):
-        if not ok:
-            raise UserError(f"--{key}={globals()[key]!r} is out of range: {key} must be {expected}")
-    need(mode in _MODES, "mode", "one of " + ", ".join(_MODES))
+    need = range_check(globals())
+    need(mode in MODES, "mode", "mode must be one of " + ", ".join(MODES))
     try:
-        config = GPTConfig(**{f.name: globals()[f.name] for f in fields(GPTConfig)})
+        config = GPTConfig(**{key: globals()[key] for key in MODEL_SETTINGS})
     except ConfigError as e:
         raise UserError(str(e)) from None
-    need(attn_impl in ("auto", "dense", "blocked", "flex"), "attn_impl", "one of auto, dense, blocked, flex")
+    need(attn_impl in ATTENTION_IMPLS, "attn_impl", "attn_impl must be one of " + ", ".join(ATTENTION_IMPLS))
     for key in ("batch_size", "steps", "attn_repeats", "dense_max_T", "bench_window", "gen_batch_size", "prompt_len",
                 "new_tokens", "gen_repeats"):
-        need(is_int(globals()[key]) and globals()[key] >= 1, key, "an integer >= 1")
-    need(is_int(warmup_steps) and warmup_steps >= 0, "warmup_steps", "an integer >= 0")
+        need(is_int(globals()[key]) and globals()[key] >= 1, key, f"{key} must be an integer >= 1")
+    need(is_int(warmup_steps) and warmup_steps >= 0, "warmup_steps", "warmup_steps must be an integer >= 0")
     need(is_int(seq_len) and 0 <= seq_len and (config.rope or seq_len <= config.block_size), "seq_len",
-         f"0 (block_size) or at most block_size={config.block_size} (learned positions); any length with rope")
-    need(len(seq_lens) > 0 and all(is_int(T) and T >= 1 for T in seq_lens), "seq_lens", "a non-empty tuple of integers >= 1")
-    need(len(impls) > 0 and all(i in _ATTENTION_IMPLS for i in impls), "impls", "a non-empty tuple of " + ", ".join(_ATTENTION_IMPLS))
-    need(all(is_int(m) and 1 <= m <= new_tokens for m in memory_at), "memory_at", f"token counts between 1 and new_tokens={new_tokens}")
-    need(not (beyond_block_size and not config.rope), "beyond_block_size", "False unless rope=True (learned positions end at block_size)")
+         f"seq_len must be 0 (block_size) or at most block_size={config.block_size} (learned positions); any length with rope")
+    need(len(seq_lens) > 0 and all(is_int(T) and T >= 1 for T in seq_lens), "seq_lens",
+         "seq_lens must be a non-empty tuple of integers >= 1")
+    need(len(impls) > 0 and all(i in ATTENTION_RUNS for i in impls), "impls",
+         "impls must be a non-empty tuple of " + ", ".join(ATTENTION_RUNS))
+    need(all(is_int(m) and 1 <= m <= new_tokens for m in memory_at), "memory_at",
+         f"memory_at must be token counts between 1 and new_tokens={new_tokens}")
+    need(not (beyond_block_size and not config.rope), "beyond_block_size",
+         "beyond_block_size must be False unless rope=True (learned positions end at block_size)")
     if vs_transformers:
         gpt2_like = not config.rope and config.n_kv_head == config.n_head and config.window is None and config.bias
-        need(gpt2_like, "vs_transformers",
-             "False unless the model is GPT-2's architecture (rope=False, n_kv_head=None, window=None, bias=True)")
-        need(use_cache, "vs_transformers", "False with use_cache=False (transformers decodes with its cache)")
-        need(mode == "generate", "vs_transformers", "False outside --mode=generate")
+        need(gpt2_like, "vs_transformers", "vs_transformers must be False unless the model is GPT-2's architecture "
+             "(rope=False, n_kv_head=None, window=None, bias=True)")
+        need(use_cache, "vs_transformers", "vs_transformers must be False with use_cache=False (transformers decodes with its cache)")
+        need(mode == "generate", "vs_transformers", "vs_transformers must be False outside --mode=generate")
     if json_out:
         folder = os.path.dirname(os.path.abspath(json_out))
-        need(os.path.isdir(folder) and not os.path.isdir(json_out), "json_out", "a file path in an existing folder")
+        need(os.path.isdir(folder) and not os.path.isdir(json_out), "json_out", "json_out must be a file path in an existing folder")
     return config
 
 
@@ -135,7 +150,7 @@ def sync(dev):
 
 
 def build_model(config, dev):
-    model = load_model("scratch", model_args=config.to_dict()).model.to(dev)
+    model = new_model(config.to_dict()).to(dev)
     model.set_attention_impl(attn_impl)
     return model
 
@@ -192,8 +207,8 @@ def bench_attention(config, dev, ptdtype):
             q = torch.randn(1, config.n_head, T, config.head_dim, generator=g).to(dev, dt_).requires_grad_()
             k = torch.randn(1, config.n_kv_head, T, config.head_dim, generator=g).to(dev, dt_).requires_grad_()
             v = torch.randn(1, config.n_kv_head, T, config.head_dim, generator=g).to(dev, dt_).requires_grad_()
-            w, kernel = {"full": (None, "dense"), "window-dense": (bench_window, "dense"),
-                         "window-blocked": (bench_window, "blocked"), "window-flex": (bench_window, "flex")}[impl]
+            windowed, kernel = ATTENTION_RUNS[impl]
+            w = bench_window if windowed else None
 
             def run_once(q, k, v):
                 y = causal_attention(q, k, v, w, kernel)
@@ -266,7 +281,7 @@ def bench_generate_vs_transformers(config, dev, ptdtype):
     hf = GPT2LMHeadModel(hf_config).eval()
     with tempfile.TemporaryDirectory() as folder:
         hf.save_pretrained(folder)
-        ours = load_model(folder, need_decoding=False).model.eval()
+        ours = load_pretrained(folder, need_decoding=False).model.eval()
     weights = getattr(torch, ptdtype)
     hf.to(dev, weights)
     ours.to(dev, weights)

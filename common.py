@@ -11,7 +11,7 @@ import pickle
 import zipfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +51,14 @@ def first_to_report(message: str) -> bool:
         return store.add(f"user_error/{hashlib.sha256(message.encode()).hexdigest()}", 1) == 1
     except (RuntimeError, OSError, ValueError, KeyError):  # no store to ask: better twice than never
         return True
+
+
+def range_check(values: dict) -> Callable[[bool, str, str], None]:
+    """need(ok, key, rule): unless ok, a UserError that names --key, its value in `values` and the rule."""
+    def need(ok: bool, key: str, rule: str) -> None:
+        if not ok:
+            raise UserError(f"--{key}={values[key]!r} is out of range: {rule}")
+    return need
 
 
 # -----------------------------------------------------------------------------
@@ -108,13 +116,33 @@ def autocast_context(device: str, dtype: str) -> AbstractContextManager:
 # -----------------------------------------------------------------------------
 # model FLOPs utilisation
 
-# Dense bf16 tensor-core peaks (FLOP/s) of common accelerators, from their vendors' data sheets.
-# MFU against the wrong peak is meaningless, so an unknown device reports no MFU rather than a guess.
-PEAK_BF16_FLOPS = [
-    ("H200", 989e12), ("GH200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
-    ("H800", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("A10G", 70e12), ("A10", 125e12),
-    ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
-    ("A6000", 155e12), ("V100", 125e12), ("T4", 65e12), ("MI300X", 1307e12), ("MI250X", 383e12),
+# Dense tensor-core peaks (FLOP/s) in the precision training uses there: bf16, or fp16 on the cards that
+# have no bf16 (V100, T4), from the vendors' data sheets. MFU against the wrong peak is meaningless, so an
+# unknown device reports no MFU rather than a guess.
+# Order rule: the first entry whose name is in the device's name wins, so a name comes before every
+# shorter name it contains (GH200 before H200, H100 PCIe before H100, L40S before L40 before L4).
+PEAK_TRAINING_FLOPS = [
+    ("GH200", 989e12),
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H800", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("A6000", 155e12),
+    ("V100", 125e12),  # fp16
+    ("T4", 65e12),  # fp16
+    ("MI300X", 1307e12),
+    ("MI250X", 383e12),
 ]
 
 
@@ -126,14 +154,14 @@ def device_peak_flops(device: str | torch.device | None = None) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16_FLOPS:
+    for key, flops in PEAK_TRAINING_FLOPS:
         if key in name:
             return flops
     return None
 
 
 def estimate_mfu(model: GPT, seq_len: int, tokens_per_second: float, device: str | None = None) -> float | None:
-    """Model FLOPs utilisation of `model` against the bf16 dense peak of the device in use; None when unknown."""
+    """Model FLOPs utilisation of `model` against the dense peak of the device in use; None when unknown."""
     peak = device_peak_flops(device)
     if peak is None:
         return None
@@ -142,6 +170,14 @@ def estimate_mfu(model: GPT, seq_len: int, tokens_per_second: float, device: str
 
 # -----------------------------------------------------------------------------
 # checkpoints: a dict of tensors and plain values, readable with weights_only=True
+
+CHECKPOINT_NAME = "ckpt.pt"
+
+
+def checkpoint_path(out_dir: str) -> str:
+    """Where train.py keeps a run's checkpoint."""
+    return os.path.join(out_dir, CHECKPOINT_NAME)
+
 
 def save_checkpoint(checkpoint: dict, path: str) -> None:
     """Write to a temporary file in the same folder, flush it to disk, then rename it over `path`:
@@ -164,7 +200,7 @@ def load_checkpoint(source: str | BinaryIO, map_location: str = "cpu", name: str
     from it (weights_only=True); clear errors for the rest."""
     name = name or source
     if isinstance(source, str) and not os.path.exists(source):
-        raise UserError(f"no checkpoint at {source}; train one first, or point --out_dir at the folder that has ckpt.pt")
+        raise UserError(f"no checkpoint at {source}; train one first, or point --out_dir at the folder that has {CHECKPOINT_NAME}")
     try:
         checkpoint = torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -223,58 +259,71 @@ def hf_folder_chars(folder: str) -> list[str] | None:
     return chars
 
 
-def load_model(init_from: str, out_dir: str = "out", model_args: dict | None = None, overrides: dict | None = None,
-               checkpoint: dict | None = None, need_decoding: bool = True) -> LoadedModel:
+def is_character_vocabulary(vocab_size: int) -> bool:
+    """A vocabulary smaller than GPT-2's BPE is a character set: its tokens decode only through its character list."""
+    return vocab_size < GPT2_VOCAB_SIZE
+
+
+def new_model(model_args: dict) -> GPT:
+    """GPT(GPTConfig(**model_args)), freshly initialised; settings that make no model are a UserError."""
+    try:
+        return GPT(GPTConfig(**model_args))
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+
+
+def load_trained(out_dir: str, checkpoint: dict | None = None, need_decoding: bool = True) -> LoadedModel:
+    """The model of out_dir's checkpoint written by train.py (or of `checkpoint`, already read from it).
+    A character-level model without its character list is a UserError unless need_decoding=False."""
+    path = checkpoint_path(out_dir)
+    if checkpoint is None:
+        checkpoint = load_checkpoint(path)
+    try:
+        model = GPT(GPTConfig.from_dict(checkpoint["model_args"]))
+        load_model_state(model, checkpoint["model"])
+    except ConfigError as e:
+        raise UserError(f"{path}: {e}") from None
+    chars = checkpoint.get("chars")
+    if need_decoding and chars is None and is_character_vocabulary(model.config.vocab_size):
+        raise UserError(f"{path} has a {model.config.vocab_size}-token vocabulary but no character list, "
+                        f"so its tokens cannot be decoded")
+    return LoadedModel(model, checkpoint, chars)
+
+
+def load_pretrained(source: str, overrides: dict | None = None, need_decoding: bool = True) -> LoadedModel:
+    """GPT.from_pretrained of a GPT-2 name or a Hugging Face folder, with `overrides` among
+    GPTConfig.PRETRAINED_OVERRIDES, and the folder's character list when it has one."""
+    try:
+        model = GPT.from_pretrained(source, overrides)
+    except (OSError, ConfigError) as e:
+        raise UserError(str(e)) from None
+    chars = hf_folder_chars(source) if os.path.isdir(source) else None
+    if need_decoding and chars is None and is_character_vocabulary(model.config.vocab_size):
+        raise UserError(f"{source} has a {model.config.vocab_size}-token vocabulary but its tokenizer.json is "
+                        f"not a character list, so its tokens cannot be decoded")
+    if chars is not None and len(chars) != model.config.vocab_size:
+        raise UserError(f"{source}: its tokenizer has {len(chars)} characters but the model "
+                        f"{model.config.vocab_size} token rows")
+    return LoadedModel(model, None, chars)
+
+
+def load_model(init_from: str, out_dir: str = "out", overrides: dict | None = None,
+               need_decoding: bool = True) -> LoadedModel:
     """
-    Every script gets its model here (on the CPU, in fp32; move it where it runs).
-      'scratch'                      GPT(GPTConfig(**model_args)), freshly initialised
-      'resume'                       out_dir/ckpt.pt written by train.py (or `checkpoint`, already read from it)
-      'gpt2' ... 'gpt2-xl', a folder  GPT.from_pretrained, with `overrides` among GPTConfig.PRETRAINED_OVERRIDES
-    A source that does not exist, is damaged or does not fit the settings is a UserError; so is a character-level
-    model without its character list, unless need_decoding=False (training needs no decoder).
+    The model a script's --init_from names, on the CPU in fp32 (move it where it runs): 'resume' reads
+    out_dir's checkpoint (load_trained), a GPT-2 name or a folder in the Hugging Face format goes through
+    load_pretrained. A source that does not exist, is damaged or does not fit is a UserError.
     """
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if init_from == "resume":
-        if checkpoint is None:
-            checkpoint = load_checkpoint(ckpt_path)
-        try:
-            model = GPT(GPTConfig.from_dict(checkpoint["model_args"]))
-            load_model_state(model, checkpoint["model"])
-        except ConfigError as e:
-            raise UserError(f"{ckpt_path}: {e}") from None
-        chars = checkpoint.get("chars")
-        if need_decoding and chars is None and model.config.vocab_size < GPT2_VOCAB_SIZE:
-            raise UserError(f"{ckpt_path} has a {model.config.vocab_size}-token vocabulary but no character list, "
-                            f"so its tokens cannot be decoded")
-        return LoadedModel(model, checkpoint, chars)
-    if init_from == "scratch":
-        try:
-            return LoadedModel(GPT(GPTConfig(**model_args)))
-        except ConfigError as e:
-            raise UserError(str(e)) from None
+        return load_trained(out_dir, need_decoding=need_decoding)
     if is_pretrained_source(init_from):
-        try:
-            model = GPT.from_pretrained(init_from, overrides)
-        except (OSError, ConfigError) as e:
-            raise UserError(str(e)) from None
-        chars = hf_folder_chars(init_from) if os.path.isdir(init_from) else None
-        if need_decoding and chars is None and model.config.vocab_size < GPT2_VOCAB_SIZE:
-            raise UserError(f"{init_from} has a {model.config.vocab_size}-token vocabulary but its tokenizer.json is "
-                            f"not a character list, so its tokens cannot be decoded")
-        if chars is not None and len(chars) != model.config.vocab_size:
-            raise UserError(f"{init_from}: its tokenizer has {len(chars)} characters but the model "
-                            f"{model.config.vocab_size} token rows")
-        return LoadedModel(model, None, chars)
-    raise UserError(f"unknown init_from {init_from!r}; use resume, scratch, {', '.join(GPT2_NAMES)} "
+        return load_pretrained(init_from, overrides, need_decoding)
+    raise UserError(f"unknown init_from {init_from!r}; use resume, {', '.join(GPT2_NAMES)} "
                     f"or a local folder in the Hugging Face format")
 
 
 # -----------------------------------------------------------------------------
 # tokenizers
-
-def char_vocab_path(dataset: str, data_root: str = "data") -> str:
-    return os.path.join(data_root, dataset, "meta.json")
-
 
 def read_char_vocab(meta_path: str) -> tuple[int, list[str] | None]:
     """(vocab_size, chars) from a character data set's meta.json: chars maps token id -> character, or is
@@ -309,9 +358,16 @@ def read_char_vocab(meta_path: str) -> tuple[int, list[str] | None]:
     return vocab_size, chars
 
 
-def get_tokenizer(chars=None):
-    """(encode, decode, start_ids): a character vocabulary (a list: token id -> character) when given,
-    GPT-2 BPE otherwise. start_ids begin a sample with no prompt: <|endoftext|> for BPE, none for characters."""
+class Tokenizer(NamedTuple):
+    """encode: text -> token ids; decode: token ids -> text; start_ids begin a sample that has no prompt."""
+    encode: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
+    start_ids: list[int]
+
+
+def get_tokenizer(chars: list[str] | None = None) -> Tokenizer:
+    """A character vocabulary's (a list: token id -> character) when given, GPT-2 BPE's otherwise.
+    A sample with no prompt starts from <|endoftext|> with BPE, and cannot start with characters."""
     if chars is not None:
         stoi = {ch: i for i, ch in enumerate(chars)}
         def encode(text):
@@ -319,9 +375,9 @@ def get_tokenizer(chars=None):
             if unknown:
                 raise UserError(f"characters {''.join(unknown)!r} are not in the model's vocabulary of {len(chars)} characters")
             return [stoi[ch] for ch in text]
-        return encode, lambda ids: "".join(chars[i] for i in ids), []
+        return Tokenizer(encode, lambda ids: "".join(chars[i] for i in ids), [])
     enc = gpt2_encoding()
-    return (lambda text: enc.encode(text, allowed_special={"<|endoftext|>"})), enc.decode, [enc.eot_token]
+    return Tokenizer(lambda text: enc.encode(text, allowed_special={"<|endoftext|>"}), enc.decode, [enc.eot_token])
 
 
 def gpt2_encoding():

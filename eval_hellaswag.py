@@ -189,7 +189,7 @@ def main():
     loaded = load_model(init_from, out_dir, overrides=dict(dropout=0.0))
     if loaded.chars is not None:
         raise UserError(f"{init_from} is a character-level model; HellaSwag is English text scored in GPT-2 BPE tokens")
-    encode = get_tokenizer(None)[0]
+    encode = get_tokenizer().encode
     block_size = loaded.model.config.block_size
     for index, example in enumerate(examples):  # an ending that does not fit is reported before any work
         example_rows(example, encode, block_size, index)

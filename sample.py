@@ -80,17 +80,17 @@ def read_prompt() -> str:
 
 def main():
     apply_overrides(globals(), sys.argv[1:], nullable={"top_k"})
-    dev, dtype_name = check_settings()
-    ctx = autocast_context(dev, dtype_name)
+    dev, ptdtype = check_settings()
+    ctx = autocast_context(dev, ptdtype)
     # read the prompt before loading the model: a missing file is then reported at once, and
     # alone on stderr (loading a Hugging Face checkpoint prints progress bars there)
     prompt = read_prompt()
     torch.manual_seed(seed)
     loaded = load_model(init_from, out_dir, overrides=dict(dropout=0.0))
     model, chars = loaded.model.to(dev).eval(), loaded.chars
-    encode, decode, start_ids = get_tokenizer(chars)
+    tokenizer = get_tokenizer(chars)
 
-    ids = encode(prompt) if prompt else start_ids
+    ids = tokenizer.encode(prompt) if prompt else tokenizer.start_ids
     if not ids:
         raise UserError("the prompt is empty and this vocabulary has no start token; give some text with --start")
     x = torch.tensor(ids, dtype=torch.long, device=dev)[None, ...]
@@ -107,16 +107,16 @@ def main():
             for token in model.generate_stream(x, max_new_tokens, temperature, top_k, top_p, use_cache, beyond_block_size):
                 new_ids.append(token.item())
                 if show_stream:
-                    text = decode(new_ids)
+                    text = tokenizer.decode(new_ids)
                     if not text.endswith("\ufffd"):  # hold back a half-decoded multi-byte character
                         print(text[len(printed):], end="", flush=True)
                         printed = text
         elapsed += time.time() - t0
         generated += len(new_ids)
         if show_stream:
-            print(decode(new_ids)[len(printed):])
+            print(tokenizer.decode(new_ids)[len(printed):])
         else:
-            print(prompt + decode(new_ids))
+            print(prompt + tokenizer.decode(new_ids))
         print("---------------")
     print(f"{generated} tokens in {elapsed:.2f}s: {generated / max(elapsed, 1e-9):.1f} tokens/s "
           f"({'with' if use_cache else 'without'} KV cache, {dev})", file=sys.stderr)

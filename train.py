@@ -20,17 +20,21 @@ import math
 import time
 import signal
 import traceback
-from dataclasses import dataclass, fields
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import GPTConfig, ConfigError, GPT2_NAMES, GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE
+from model import GPT, GPTConfig, ConfigError, ATTENTION_IMPLS, GPT2_NAMES, PADDED_GPT2_VOCAB_SIZE
 from configurator import apply_overrides
 from eval_hellaswag import load_hellaswag, evaluate_hellaswag, example_rows
-from common import (UserError, run_main, pick_device, pick_dtype, autocast_context, save_checkpoint, load_checkpoint,
-                    load_model, read_char_vocab, char_vocab_path, estimate_mfu, get_tokenizer)
+from common import (UserError, run_main, range_check, pick_device, pick_dtype, autocast_context, checkpoint_path,
+                    save_checkpoint, load_checkpoint, new_model, load_trained, load_pretrained, read_char_vocab,
+                    is_character_vocabulary, estimate_mfu, get_tokenizer)
 
 # -----------------------------------------------------------------------------
 # default config: GPT-2 small (124M) on OpenWebText
@@ -53,10 +57,18 @@ dataset = "openwebtext"
 data_root = "data"  # the bins are in data_root/dataset/{train,val}.bin
 gradient_accumulation_steps = 5 * 8  # global: micro-steps per optimizer step, summed over all processes
 batch_size = 12  # sequences per micro-step per process
-# model: every GPTConfig field (model.py) is a setting of the same name and default: --n_layer, --rope, --window, ...
-# (vocab_size comes from the data: meta.json's for a character set, GPT-2's padded BPE otherwise)
-MODEL_SETTINGS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]
-globals().update({f.name: f.default for f in fields(GPTConfig) if f.name in MODEL_SETTINGS})
+# model: GPTConfig's fields (model.py) with its defaults, all but vocab_size, which comes from the data
+# (meta.json's for a character set, GPT-2's padded BPE otherwise)
+block_size = 1024
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0
+bias = True  # biases in Linears and LayerNorms, as GPT-2
+rope = False  # rotary position embedding instead of the learned position table
+rope_theta = 10000.0
+n_kv_head = None  # None: n_head (multi-head attention); fewer: grouped-query attention
+window = None  # None: full causal attention; W: each token sees itself and W-1 before it; a tuple: one per layer
 attn_impl = "auto"  # 'auto' | 'dense' | 'blocked' | 'flex' for windowed layers
 # AdamW
 learning_rate = 6e-4
@@ -65,7 +77,7 @@ weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # 0 disables clipping
-# learning-rate schedule: linear warmup, then cosine decay to min_lr
+# learning-rate schedule: linear warmup, then cosine decay to min_lr; decay_lr=False keeps learning_rate throughout
 decay_lr = True
 warmup_iters = 2000
 lr_decay_iters = 600000
@@ -77,7 +89,7 @@ hellaswag_max_examples = 0  # 0: all of them
 # distributed
 fsdp = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
 fsdp_cpu_offload = False
-grad_checkpoint = False  # recompute activations block by block in backward: less memory, ~1/3 more compute
+grad_checkpoint = False  # recompute activations block by block in backward: less memory, more compute
 # system
 device = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
 dtype = "auto"  # 'auto' | 'float32' | 'bfloat16' | 'float16'
@@ -85,50 +97,55 @@ compile = None  # None: on for CUDA only
 seed = 1337
 # -----------------------------------------------------------------------------
 
-ATTN_IMPLS = ("auto", "dense", "blocked", "flex")
+# the settings above that are GPTConfig fields; tests/test_configurator.py checks that this is all of them
+MODEL_SETTINGS = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "rope", "rope_theta", "n_kv_head", "window")
 
 
-def validate_settings(s):
-    """Every setting with a meaningful range, checked before any work is done or any file written."""
-    def need(ok, key, rule):
-        if not ok:
-            raise UserError(f"--{key}={s[key]!r} is out of range: {rule}")
+def validate_settings(settings):
+    """Every setting with a meaningful range, checked before any work is done or any file written.
+    A rule about a setting that only matters under another one applies only under it."""
+    s = settings
+    need = range_check(vars(s))
     for key in ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size"):
-        need(s[key] >= 1, key, "use an integer >= 1")
-    for key in ("max_iters", "warmup_iters", "hellaswag_interval", "hellaswag_max_examples"):
-        need(s[key] >= 0, key, "use an integer >= 0")
-    need(s["lr_decay_iters"] >= 1, "lr_decay_iters", "use an integer >= 1")
-    need(math.isfinite(s["learning_rate"]) and s["learning_rate"] > 0, "learning_rate", "use a positive number")
-    need(math.isfinite(s["min_lr"]) and 0 <= s["min_lr"] <= s["learning_rate"], "min_lr",
-         f"use a number in [0, learning_rate={s['learning_rate']}]")
-    need(math.isfinite(s["weight_decay"]) and s["weight_decay"] >= 0, "weight_decay", "use a number >= 0")
+        need(getattr(s, key) >= 1, key, "use an integer >= 1")
+    need(s.max_iters >= 0, "max_iters", "use an integer >= 0")
+    need(math.isfinite(s.learning_rate) and s.learning_rate > 0, "learning_rate", "use a positive number")
+    if s.decay_lr:  # the schedule's settings; without decay the learning rate is learning_rate throughout
+        need(s.warmup_iters >= 0, "warmup_iters", "use an integer >= 0")
+        need(s.lr_decay_iters >= 1, "lr_decay_iters", "use an integer >= 1")
+        need(math.isfinite(s.min_lr) and 0 <= s.min_lr <= s.learning_rate, "min_lr",
+             f"use a number in [0, learning_rate={s.learning_rate}]")
+        need(s.lr_decay_iters >= s.warmup_iters, "lr_decay_iters",
+             f"use at least warmup_iters={s.warmup_iters}: the cosine decay starts where the warmup ends")
+    need(math.isfinite(s.weight_decay) and s.weight_decay >= 0, "weight_decay", "use a number >= 0")
     for key in ("beta1", "beta2"):
-        need(0 <= s[key] < 1, key, "use a number in [0, 1)")
-    need(math.isfinite(s["grad_clip"]) and s["grad_clip"] >= 0, "grad_clip", "use a number > 0, or 0 to disable clipping")
-    need(0 <= s["seed"] < 2**63, "seed", "use an integer in [0, 2**63)")
-    need(s["compile"] in (None, True, False), "compile", "use True, False or None (None: on for CUDA only)")
-    need(not s["decay_lr"] or s["lr_decay_iters"] >= s["warmup_iters"], "lr_decay_iters",
-         f"use at least warmup_iters={s['warmup_iters']}: the cosine decay starts where the warmup ends")
-    need(not (s["attn_impl"] == "flex" and s["dropout"] > 0 and s["window"] is not None), "attn_impl",
+        need(0 <= getattr(s, key) < 1, key, "use a number in [0, 1)")
+    need(math.isfinite(s.grad_clip) and s.grad_clip >= 0, "grad_clip", "use a number > 0, or 0 to disable clipping")
+    need(0 <= s.seed < 2**63, "seed", "use an integer in [0, 2**63)")
+    need(s.compile in (None, True, False), "compile", "use True, False or None (None: on for CUDA only)")
+    need(not (s.attn_impl == "flex" and s.dropout > 0 and s.window is not None), "attn_impl",
          "the flex kernel has no dropout; use --attn_impl=blocked (or auto) with dropout, or --dropout=0")
-    need(s["attn_impl"] in ATTN_IMPLS, "attn_impl", f"use one of {', '.join(ATTN_IMPLS)}")
-    need(s["out_dir"] != "", "out_dir", "give a folder name")
-    need(s["dataset"] not in ("", ".", "..") and os.sep not in s["dataset"], "dataset", "give the name of a folder under data_root")
-    need(not s["fsdp_cpu_offload"] or s["fsdp"], "fsdp_cpu_offload", "it needs --fsdp=True")
-    if os.path.exists(s["out_dir"]) and not os.path.isdir(s["out_dir"]):
-        raise UserError(f"out_dir {s['out_dir']!r} is a file, not a folder; choose another --out_dir")
-    parent = os.path.abspath(s["out_dir"])
+    need(s.attn_impl in ATTENTION_IMPLS, "attn_impl", f"use one of {', '.join(ATTENTION_IMPLS)}")
+    need(s.out_dir != "", "out_dir", "give a folder name")
+    need(s.dataset not in ("", ".", "..") and os.sep not in s.dataset, "dataset", "give the name of a folder under data_root")
+    need(not s.fsdp_cpu_offload or s.fsdp, "fsdp_cpu_offload", "it needs --fsdp=True")
+    if os.path.exists(s.out_dir) and not os.path.isdir(s.out_dir):
+        raise UserError(f"out_dir {s.out_dir!r} is a file, not a folder; choose another --out_dir")
+    parent = os.path.abspath(s.out_dir)
     while not os.path.exists(parent):  # the folder that will hold out_dir must be a writable folder
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise UserError(f"out_dir {s['out_dir']!r} cannot be created under {parent} (not a writable folder); choose another --out_dir")
+        raise UserError(f"out_dir {s.out_dir!r} cannot be created under {parent} (not a writable folder); choose another --out_dir")
     sources = ("scratch", "resume", "auto", *GPT2_NAMES)
-    if s["init_from"] not in sources and not os.path.isdir(s["init_from"]):
-        raise UserError(f"unknown init_from {s['init_from']!r}; use {', '.join(sources)} or a local folder in the Hugging Face format")
-    if s["hellaswag_interval"] and not os.path.isfile(s["hellaswag_path"]):
-        raise UserError(f"--hellaswag_interval={s['hellaswag_interval']} but there is no {s['hellaswag_path']}; "
-                        f"download it with python data/hellaswag/prepare.py, or set --hellaswag_interval=0")
-    if s["wandb_log"]:
+    if s.init_from not in sources and not os.path.isdir(s.init_from):
+        raise UserError(f"unknown init_from {s.init_from!r}; use {', '.join(sources)} or a local folder in the Hugging Face format")
+    if s.hellaswag_interval:
+        need(s.hellaswag_interval >= 0, "hellaswag_interval", "use an integer >= 0 (0 is off)")
+        need(s.hellaswag_max_examples >= 0, "hellaswag_max_examples", "use an integer >= 0 (0: all of them)")
+        if not os.path.isfile(s.hellaswag_path):
+            raise UserError(f"--hellaswag_interval={s.hellaswag_interval} but there is no {s.hellaswag_path}; "
+                            f"download it with python data/hellaswag/prepare.py, or set --hellaswag_interval=0")
+    if s.wandb_log:
         try:
             import wandb  # noqa: F401
         except ImportError:
@@ -150,11 +167,16 @@ def lr_at(step, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr=Tr
 # -----------------------------------------------------------------------------
 # the batch stream
 
+TRAIN_STREAM = 0
+EVAL_STREAMS = {"train": 1, "val": 2}  # the fixed evaluation batches of each split
+DROPOUT_STREAM = 3  # keeps dropout seeds apart from the batch streams
+
+
 class BatchStream:
     """
     Rows of block_size + 1 tokens from data_dir/{train,val}.bin at offsets that are a pure function of
-    (seed, stream, index): stream 0 is training (index = step), 1 and 2 the fixed evaluation batches of
-    train and val. Every process computes the whole global batch's offsets and takes its slice.
+    (seed, stream, index): TRAIN_STREAM is training (index = step), EVAL_STREAMS the fixed evaluation batches
+    of each split. Every process computes the whole global batch's offsets and takes its slice.
     """
 
     def __init__(self, data_dir, block_size, seed, vocab_size):
@@ -198,9 +220,6 @@ class BatchStream:
         return torch.from_numpy(x), torch.from_numpy(y)
 
 
-DROPOUT_STREAM = 3  # keeps dropout seeds apart from the batch streams 0 (train), 1 and 2 (evaluation)
-
-
 def dropout_seed(seed, step, micro_batch):
     """The seed of the dropout masks of global micro-batch `micro_batch` of `step`, whichever process runs it."""
     entropy = [seed, DROPOUT_STREAM, step, micro_batch]
@@ -211,39 +230,49 @@ def dropout_seed(seed, step, micro_batch):
 # processes
 
 @dataclass
-class Dist:
+class Processes:
+    """This process's place among the training processes."""
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-    active: bool = False  # launched by torchrun, with a process group
+    distributed: bool = False  # launched by torchrun, with a process group
 
     @property
     def master(self):
         return self.rank == 0
 
 
-def distributed_env():
+def processes_from_env():
     """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; no RANK means one process."""
     if "RANK" not in os.environ:
-        return Dist()
-    return Dist(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]), True)
+        return Processes()
+    return Processes(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]), True)
 
 
-def init_process_group(dist_env, device_type):
+def gather_from_every_rank(value, processes):
+    """[value of rank 0, value of rank 1, ...]; [value] when alone."""
+    if not processes.distributed:
+        return [value]
+    values = [None] * processes.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def init_process_group(processes, device_type):
     """
     Join the group through torchrun's store, under a prefix of this restart attempt. The store is served
     by the torchrun agent and outlives a restart of the worker group (--max-restarts), keys included: without
     the prefix a restarted process can read the address a process of the previous attempt published, and the
     group's connection mesh is refused.
     """
-    if not dist_env.active:
+    if not processes.distributed:
         return
     store, rank, world_size = next(dist.rendezvous("env://"))
     store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size)
 
 
-class Stop:
+class StopRequest:
     """
     SIGTERM/SIGINT ask for a checkpoint at the next step boundary. Run alone, a second signal exits at once.
     Under torchrun a second one is the same request arriving again (scancel or Ctrl-C reach every worker
@@ -314,20 +343,24 @@ class RunLog:
 
 def data_vocabulary(data_dir):
     """(vocab_size, character list or None): a character set's meta.json, else GPT-2's padded BPE."""
-    meta_path = char_vocab_path(os.path.basename(os.path.normpath(data_dir)), os.path.dirname(os.path.normpath(data_dir)))
+    meta_path = os.path.join(data_dir, "meta.json")
     if os.path.exists(meta_path):
         return read_char_vocab(meta_path)
     return PADDED_GPT2_VOCAB_SIZE, None
 
 
-def check_model_settings(s, vocab_size):
+def model_args(settings, vocab_size):
+    return dict({key: getattr(settings, key) for key in MODEL_SETTINGS}, vocab_size=vocab_size)
+
+
+def check_model_settings(settings, vocab_size):
     try:
-        GPTConfig(**{k: s[k] for k in MODEL_SETTINGS}, vocab_size=vocab_size)
+        GPTConfig(**model_args(settings, vocab_size))
     except ConfigError as e:
         raise UserError(str(e)) from None
 
 
-def resolve_init_from(init_from, ckpt_path, dist_env):
+def resolve_init_from(init_from, ckpt_path, processes):
     """
     'auto' becomes 'resume' when rank 0 has a checkpoint, 'scratch' otherwise. So does 'scratch' in a torchrun
     restart (--max-restarts) that finds a checkpoint: starting over there would overwrite the run's progress.
@@ -336,26 +369,23 @@ def resolve_init_from(init_from, ckpt_path, dist_env):
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     if init_from not in ("auto", "scratch") or (init_from == "scratch" and not restarted):
         return init_from
-    everyone = [os.path.exists(ckpt_path)]
-    if dist_env.active:
-        everyone = [None] * dist_env.world_size
-        dist.all_gather_object(everyone, os.path.exists(ckpt_path))
-    if not everyone[0] and any(everyone):
-        raise UserError(f"rank 0 has no {ckpt_path} but ranks {[r for r, has in enumerate(everyone) if has]} do: rank 0's "
+    has_checkpoint = gather_from_every_rank(os.path.exists(ckpt_path), processes)
+    if not has_checkpoint[0] and any(has_checkpoint):
+        raise UserError(f"rank 0 has no {ckpt_path} but ranks {[r for r, has in enumerate(has_checkpoint) if has]} do: rank 0's "
                         f"node holds the run's checkpoint; launch rank 0 where it is, or copy it there")
-    if everyone[0] and init_from == "scratch":
+    if has_checkpoint[0] and init_from == "scratch":
         print(f"torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming from {ckpt_path} instead of starting over",
               file=sys.stderr, flush=True)
-    return "resume" if everyone[0] else "scratch"
+    return "resume" if has_checkpoint[0] else "scratch"
 
 
-def read_checkpoint_everywhere(ckpt_path, dist_env):
+def read_checkpoint_everywhere(ckpt_path, processes):
     """
     The checkpoint on every process. Rank 0's file is the truth; a process whose node has the same file
     (one machine, or a shared filesystem) reads its own copy, the others receive rank 0's bytes, so a
     multi-node run resumes without a shared filesystem. Received bytes load with weights_only=True too.
     """
-    if not dist_env.active:
+    if not processes.distributed:
         return load_checkpoint(ckpt_path)
     def fingerprint():
         try:
@@ -363,19 +393,18 @@ def read_checkpoint_everywhere(ckpt_path, dist_env):
             return (st.st_size, st.st_mtime_ns)
         except OSError:
             return None
-    mine = fingerprint()
-    everyone = [None] * dist_env.world_size
-    dist.all_gather_object(everyone, mine)
-    if everyone[0] is None:
-        raise UserError(f"no checkpoint at {ckpt_path} on rank 0; train one first, or point --out_dir at the folder that has ckpt.pt")
-    if all(f == everyone[0] for f in everyone):
+    fingerprints = gather_from_every_rank(fingerprint(), processes)
+    if fingerprints[0] is None:
+        raise UserError(f"no checkpoint at {ckpt_path} on rank 0; train one first, or point --out_dir at the folder that has "
+                        f"{os.path.basename(ckpt_path)}")
+    if all(f == fingerprints[0] for f in fingerprints):
         return load_checkpoint(ckpt_path)
     payload = [None]
-    if dist_env.master:
+    if processes.master:
         with open(ckpt_path, "rb") as f:
             payload = [f.read()]
     dist.broadcast_object_list(payload, src=0)
-    if dist_env.master:
+    if processes.master:
         return load_checkpoint(ckpt_path)
     return load_checkpoint(io.BytesIO(payload[0]), name=ckpt_path)  # the same name: one message for one damaged file
 
@@ -383,108 +412,146 @@ def read_checkpoint_everywhere(ckpt_path, dist_env):
 TRAINING_KEYS = ("optimizer", "iter_num", "best_val_loss", "config")
 
 
-def build_model(s, init_from, vocab_size, chars, dist_env):
+def build_model(settings, init_from, vocab_size, chars, processes):
     """(model on the CPU, checkpoint or None) for a run starting from init_from, checked against the data."""
-    ckpt_path = os.path.join(s["out_dir"], "ckpt.pt")
-    torch.manual_seed(s["seed"])  # the same initial weights on every process (FSDP shards them where they are)
+    s = settings
+    ckpt_path = checkpoint_path(s.out_dir)
+    torch.manual_seed(s.seed)  # the same initial weights on every process (FSDP shards them where they are)
     if init_from == "resume":
-        checkpoint = read_checkpoint_everywhere(ckpt_path, dist_env)
+        checkpoint = read_checkpoint_everywhere(ckpt_path, processes)
         missing = [k for k in TRAINING_KEYS if k not in checkpoint]
         if missing:
             raise UserError(f"{ckpt_path} holds a model but not a training run (no {', '.join(missing)}); start from it "
                             f"with --init_from=scratch and load it elsewhere, or export it and use --init_from=<folder>")
-        loaded = load_model("resume", s["out_dir"], checkpoint=checkpoint, need_decoding=False)
-        if loaded.model.config.block_size != s["block_size"]:
+        loaded = load_trained(s.out_dir, checkpoint=checkpoint, need_decoding=False)
+        if loaded.model.config.block_size != s.block_size:
             raise UserError(f"the checkpoint was trained with block_size={loaded.model.config.block_size}; resume with that")
-        if checkpoint["config"].get("seed", s["seed"]) != s["seed"]:
+        if checkpoint["config"].get("seed", s.seed) != s.seed:
             raise UserError(f"the checkpoint was trained with seed={checkpoint['config']['seed']}, which fixes its batches "
                             f"and dropout; resume with --seed={checkpoint['config']['seed']}")
-        other_size = vocab_size < GPT2_VOCAB_SIZE and loaded.model.config.vocab_size != vocab_size
-        if checkpoint.get("chars") != chars or other_size:
-            raise UserError(f"{ckpt_path} was trained on another vocabulary than {s['dataset']}'s; resume it on its own "
+        other_char_count = is_character_vocabulary(vocab_size) and loaded.model.config.vocab_size != vocab_size
+        if checkpoint.get("chars") != chars or other_char_count:
+            raise UserError(f"{ckpt_path} was trained on another vocabulary than {s.dataset}'s; resume it on its own "
                             f"data set ({checkpoint['config'].get('dataset', '?')})")
         return loaded.model, checkpoint
     if init_from == "scratch":
-        model_args = {k: s[k] for k in MODEL_SETTINGS}
-        return load_model("scratch", model_args=dict(model_args, vocab_size=vocab_size)).model, None
-    overrides = {k: s[k] for k in GPTConfig.PRETRAINED_OVERRIDES if s[k] is not None}
-    loaded = load_model(init_from, overrides=overrides, need_decoding=False)
-    if s["rope"] and not loaded.model.config.rope:  # the source decides the position encoding; it cannot be switched
+        return new_model(model_args(s, vocab_size)), None
+    overrides = {k: getattr(s, k) for k in GPTConfig.PRETRAINED_OVERRIDES if getattr(s, k) is not None}
+    loaded = load_pretrained(init_from, overrides, need_decoding=False)
+    if s.rope and not loaded.model.config.rope:  # the source decides the position encoding; it cannot be switched
         raise UserError(f"{init_from} uses learned positions; --rope=True needs init_from=scratch or a rotary model")
     if loaded.chars != chars:
         kind = lambda c: "GPT-2 BPE" if c is None else f"a {len(c)}-character vocabulary"
-        raise UserError(f"{init_from} reads {kind(loaded.chars)} but {s['dataset']} is in {kind(chars)}; "
+        raise UserError(f"{init_from} reads {kind(loaded.chars)} but {s.dataset} is in {kind(chars)}; "
                         f"fine-tune it on data in its own tokens")
     return loaded.model, None
 
 
-def wrap_model(model, dist_env, use_fsdp, fsdp_cpu_offload, device_type, ptdtype_name):
+def wrap_model(model, processes, settings, device_type, ptdtype):
     """DDP or FSDP2 under torchrun. Returns (wrapped module, autocast dtype): FSDP2 runs bf16 itself."""
-    if not dist_env.active:
-        return model, ptdtype_name
-    if use_fsdp:
+    if not processes.distributed:
+        return model, ptdtype
+    if settings.fsdp:
         from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy
         shard_args = {}
-        if ptdtype_name == "bfloat16":  # bf16 compute, fp32 gradient reduction and master weights
+        if ptdtype == "bfloat16":  # bf16 compute, fp32 gradient reduction and master weights
             shard_args["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            ptdtype_name = "float32"  # the parameters are bf16 already: no autocast on top
-        if fsdp_cpu_offload:
+            ptdtype = "float32"  # the parameters are bf16 already: no autocast on top
+        if settings.fsdp_cpu_offload:
             shard_args["offload_policy"] = CPUOffloadPolicy()
         for block in model.transformer.h:
             fully_shard(block, **shard_args)
         fully_shard(model, **shard_args)
-        return model, ptdtype_name
+        return model, ptdtype
     from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(model, device_ids=[dist_env.local_rank] if device_type == "cuda" else None), ptdtype_name
+    return DDP(model, device_ids=[processes.local_rank] if device_type == "cuda" else None), ptdtype
 
 
-def set_gradient_sync(wrapped, dist_env, use_fsdp, enabled):
-    """Gradients are reduced on the last micro-step only (the switch is on the DDP/FSDP module, not a compiled wrapper)."""
-    if not dist_env.active:
-        return
-    if use_fsdp:
-        wrapped.set_requires_gradient_sync(enabled)
-    else:
-        wrapped.require_backward_grad_sync = enabled
+def build_optimizer(model, settings, device_type):
+    """AdamW (model.configure_optimizers) with this run's settings; FSDP's sharded parameters take the
+    per-tensor implementation."""
+    return model.configure_optimizers(settings.weight_decay, settings.learning_rate, (settings.beta1, settings.beta2),
+                                      device_type, fused=False if settings.fsdp else None)
+
+
+@dataclass
+class TrainState:
+    """What training needs at every step, built once by start_training."""
+    settings: SimpleNamespace
+    model: GPT  # the model itself: its parameters, the optimizer's, checkpoints, HellaSwag at any length
+    wrapped: torch.nn.Module  # the DDP/FSDP module around it (the model itself on one process): gradient sync
+    runner: torch.nn.Module  # what runs the training and evaluation batches: `wrapped`, compiled when compile is on
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    processes: Processes
+    autocast: AbstractContextManager
+    device: str
+    chars: list | None = None  # the character vocabulary the checkpoints carry
+
+    @property
+    def micro_steps(self):
+        """Forward/backward passes per optimizer step on this process."""
+        return self.settings.gradient_accumulation_steps // self.processes.world_size
+
+    def set_gradient_sync(self, enabled):
+        """Gradients are reduced on the last micro-step only (the switch is on the DDP/FSDP module, not a compiled wrapper)."""
+        if not self.processes.distributed:
+            return
+        if self.settings.fsdp:
+            self.wrapped.set_requires_gradient_sync(enabled)
+        else:
+            self.wrapped.require_backward_grad_sync = enabled
 
 
 # -----------------------------------------------------------------------------
 # one optimizer step, evaluation, checkpoints
 
-def train_step(model, wrapped, raw_model, optimizer, scaler, batches, step, s, micro_steps, dist_env, ctx, dev):
-    """
-    micro_steps forward/backward passes on this process's slices of the global batch of `step`, then one
-    optimizer step. Returns (mean loss over all micro-steps and processes, grad norm or None, stop requested,
-    skipped: float16 gradients overflowed, so the scaler skipped the update and lowered its scale).
-    """
-    global_rows = s["gradient_accumulation_steps"] * s["batch_size"]
-    offsets = batches.offsets(0, step, global_rows, "train")
+class StepResult(NamedTuple):
+    loss: float  # the mean over all micro-steps and processes
+    grad_norm: float | None  # before clipping; None without clipping
+    stop_requested: bool  # a process received a stop signal
+    skipped: bool  # float16 gradients overflowed, so the scaler skipped the update and lowered its scale
+
+
+def train_step(state, batches, step):
+    """state.micro_steps forward/backward passes on this process's slices of the global batch of `step`,
+    then one optimizer step."""
+    s, processes, dev = state.settings, state.processes, state.device
+    offsets = batches.offsets(TRAIN_STREAM, step, s.gradient_accumulation_steps * s.batch_size, "train")
     loss_sum = torch.zeros((), device=dev)
-    for micro in range(micro_steps):
-        set_gradient_sync(wrapped, dist_env, s["fsdp"], micro == micro_steps - 1)
-        micro_batch = dist_env.rank * micro_steps + micro  # its index in the global batch
-        start = micro_batch * s["batch_size"]
-        X, Y = (t.to(dev, non_blocking=True) for t in batches.rows("train", offsets[start:start + s["batch_size"]]))
-        torch.manual_seed(dropout_seed(s["seed"], step, micro_batch))
-        with ctx:
-            _, loss = model(X, Y)
+    for micro in range(state.micro_steps):
+        state.set_gradient_sync(micro == state.micro_steps - 1)
+        micro_batch = processes.rank * state.micro_steps + micro  # its index in the global batch
+        start = micro_batch * s.batch_size
+        X, Y = (t.to(dev, non_blocking=True) for t in batches.rows("train", offsets[start:start + s.batch_size]))
+        torch.manual_seed(dropout_seed(s.seed, step, micro_batch))
+        with state.autocast:
+            _, loss = state.runner(X, Y)
         loss_sum += loss.detach().float()
-        scaler.scale(loss / micro_steps).backward()
+        state.scaler.scale(loss / state.micro_steps).backward()
     # one all-reduce carries the loss sum and the stop flag of every process
-    summary = torch.stack([loss_sum, torch.tensor(float(Stop.requested), device=dev)])
-    if dist_env.active:
+    summary = torch.stack([loss_sum, torch.tensor(float(StopRequest.requested), device=dev)])
+    if processes.distributed:
         dist.all_reduce(summary)
-    step_loss = summary[0].item() / s["gradient_accumulation_steps"]
+    step_loss = summary[0].item() / s.gradient_accumulation_steps
     stop_requested = summary[1].item() > 0
-    if not math.isfinite(step_loss) and not scaler.is_enabled():  # float16 overflows are the scaler's to skip
-        kept = ("so the last good checkpoint in " + s["out_dir"] + " is kept"
-                if os.path.exists(os.path.join(s["out_dir"], "ckpt.pt")) else "and no checkpoint had been written yet")
+    if not math.isfinite(step_loss) and not state.scaler.is_enabled():  # float16 overflows are the scaler's to skip
+        kept = ("so the last good checkpoint in " + s.out_dir + " is kept"
+                if os.path.exists(checkpoint_path(s.out_dir)) else "and no checkpoint had been written yet")
         raise UserError(f"loss became {step_loss} at step {step}; stopped without saving, {kept}. "
                         f"Try a lower --learning_rate or check the data")
+    grad_norm, skipped = optimizer_step(state)
+    return StepResult(step_loss, grad_norm, stop_requested, skipped)
+
+
+def optimizer_step(state):
+    """Clip (the true gradients: unscaled first), step and clear the gradients. Returns (the gradient norm,
+    or None without clipping; skipped: the scaler found float16 gradients overflowing and skipped the update)."""
+    scaler, optimizer = state.scaler, state.optimizer
     grad_norm = None
-    if s["grad_clip"] != 0.0:
-        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), s["grad_clip"])
+    if state.settings.grad_clip != 0.0:
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), state.settings.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
         grad_norm = grad_norm.item()
@@ -492,39 +559,48 @@ def train_step(model, wrapped, raw_model, optimizer, scaler, batches, step, s, m
     scaler.step(optimizer)  # skipped when float16 gradients overflowed; the scaler then lowers its scale
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    skipped = scale is not None and scaler.get_scale() < scale
-    return step_loss, grad_norm, stop_requested, skipped
+    return grad_norm, scale is not None and scaler.get_scale() < scale
 
 
 @torch.no_grad()
-def estimate_loss(model, batches, eval_iters, batch_size, dist_env, ctx, dev):
+def estimate_loss(state, batches):
     """Mean loss over eval_iters fixed batches per split, shared out over the processes. Every process
     runs the same number of forwards (FSDP needs all of them in each one)."""
-    out = {}
-    model.eval()
-    for stream, split in ((1, "train"), (2, "val")):
+    eval_iters, batch_size, processes, dev = state.settings.eval_iters, state.settings.batch_size, state.processes, state.device
+    losses = {}
+    state.runner.eval()
+    for split, stream in EVAL_STREAMS.items():
         total = torch.zeros(2, device=dev)  # loss sum, batch count
-        for j in range(math.ceil(eval_iters / dist_env.world_size)):
-            i = j * dist_env.world_size + dist_env.rank
+        for j in range(math.ceil(eval_iters / processes.world_size)):
+            i = j * processes.world_size + processes.rank
             offsets = batches.offsets(stream, min(i, eval_iters - 1), batch_size, split)
             X, Y = (t.to(dev) for t in batches.rows(split, offsets))
-            with ctx:
-                _, loss = model(X, Y)
+            with state.autocast:
+                _, loss = state.runner(X, Y)
             if i < eval_iters:
                 total += torch.stack([loss.float(), torch.ones((), device=dev)])
-        if dist_env.active:
+        if processes.distributed:
             dist.all_reduce(total)
-        out[split] = (total[0] / total[1]).item()
-    model.train()
-    return out
+        losses[split] = (total[0] / total[1]).item()
+    state.runner.train()
+    return losses
 
 
-def write_checkpoint(path, raw_model, optimizer, scaler, dist_env, **values):
-    """Every process takes part (FSDP gathers the full state); only rank 0 writes."""
+def write_checkpoint(path, model, optimizer, scaler, processes, **values):
+    """The model, optimizer and scaler state with `values`. Every process takes part (FSDP gathers the
+    full state); only rank 0 writes."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, StateDictOptions
-    model_sd, optim_sd = get_state_dict(raw_model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist_env.master:
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if processes.master:
         save_checkpoint(dict(model=model_sd, optimizer=optim_sd, scaler=scaler.state_dict(), **values), path)
+
+
+def save_run(state, step, best_val_loss, evaluated):
+    """The run's checkpoint at `step`. evaluated=False marks one written on a signal: a resume evaluates that step first."""
+    write_checkpoint(checkpoint_path(state.settings.out_dir), state.model, state.optimizer, state.scaler, state.processes,
+                     model_args=state.model.config.to_dict(), iter_num=step, best_val_loss=best_val_loss,
+                     evaluated=evaluated, config=vars(state.settings), world_size=state.processes.world_size,
+                     chars=state.chars)
 
 
 def restore_training_state(checkpoint, raw_model, optimizer, scaler):
@@ -550,194 +626,212 @@ def training_state_bytes(model, optimizer):
                 optimizer=sum(t.numel() * t.element_size() for t in state))
 
 
-def report_training_state(raw_model, optimizer, dist_env, log, step):
-    held = training_state_bytes(raw_model, optimizer)
-    every = [held]
-    if dist_env.active:
-        every = [None] * dist_env.world_size
-        dist.all_gather_object(every, held)
-    for r, b in enumerate(every):
-        log.print(f"rank {r} holds {sum(b.values()) / 2**20:,.1f} MiB of training state: " +
-                  ", ".join(f"{k} {v / 2**20:,.1f}" for k, v in b.items()))
-    log.metrics(dict(iter=step, state_mib_per_rank=[{k: v / 2**20 for k, v in b.items()} for b in every]))
+def report_training_state(state, log, step):
+    held = gather_from_every_rank(training_state_bytes(state.model, state.optimizer), state.processes)
+    for rank, parts in enumerate(held):
+        log.print(f"rank {rank} holds {sum(parts.values()) / 2**20:,.1f} MiB of training state: " +
+                  ", ".join(f"{k} {v / 2**20:,.1f}" for k, v in parts.items()))
+    log.metrics(dict(iter=step, state_mib_per_rank=[{k: v / 2**20 for k, v in parts.items()} for parts in held]))
 
 
 MAX_SKIPPED_STEPS = 20  # float16: this many overflowing steps in a row is divergence, not a scale still settling
 
 
-def log_step(log, step, loss, lr, grad_norm, dt, tokens_per_step, raw_model, block_size, dist_env, dev, grad_scale, skipped):
-    tokens_per_sec = tokens_per_step / dt
-    mfu = estimate_mfu(raw_model, block_size, tokens_per_sec / dist_env.world_size, dev)
-    record = dict(iter=step, loss=loss, lr=lr, grad_norm=grad_norm, ms=dt * 1000, tokens_per_sec=tokens_per_sec)
+def log_step(state, log, step, result, lr, dt):
+    s = state.settings
+    tokens_per_sec = s.gradient_accumulation_steps * s.batch_size * state.model.config.block_size / dt
+    mfu = estimate_mfu(state.model, state.model.config.block_size, tokens_per_sec / state.processes.world_size, state.device)
+    record = dict(iter=step, loss=result.loss, lr=lr, grad_norm=result.grad_norm, ms=dt * 1000, tokens_per_sec=tokens_per_sec)
     if mfu is not None:
         record["mfu"] = mfu
-    if grad_scale is not None:
-        record.update(grad_scale=grad_scale, skipped=skipped)
+    if state.scaler.is_enabled():
+        record.update(grad_scale=state.scaler.get_scale(), skipped=result.skipped)
     log.metrics(record)
     mfu_text = f", mfu {mfu * 100:.1f}%" if mfu is not None else ""
-    skipped_text = " (float16 overflow: update skipped)" if skipped else ""
-    log.print(f"iter {step}: loss {loss:.4f}, time {dt * 1000:.1f}ms, {tokens_per_sec:,.0f} tok/s{mfu_text}{skipped_text}")
+    skipped_text = " (float16 overflow: update skipped)" if result.skipped else ""
+    log.print(f"iter {step}: loss {result.loss:.4f}, time {dt * 1000:.1f}ms, {tokens_per_sec:,.0f} tok/s{mfu_text}{skipped_text}")
 
 
-def run_hellaswag(model, examples, encode, dist_env, ctx, dev, log, step):
-    result = evaluate_hellaswag(model, examples, dev, ctx, encode, dist_env.rank, dist_env.world_size)
+def run_hellaswag(state, examples, encode, log, step):
+    # the uncompiled module: every example has its own length, which would recompile a compiled one
+    result = evaluate_hellaswag(state.model, examples, state.device, state.autocast, encode, state.processes.rank,
+                                state.processes.world_size)
     log.print(f"step {step}: hellaswag {result['n']} examples, acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f}")
     log.metrics(dict(iter=step, hellaswag_acc=result["acc"], hellaswag_acc_norm=result["acc_norm"], hellaswag_n=result["n"]))
 
 
 # -----------------------------------------------------------------------------
+# set-up and teardown
+
+def check_launch(settings, processes):
+    """The settings that depend on how the run was launched, and the device and dtype it runs in."""
+    if settings.fsdp and not processes.distributed:
+        raise UserError("--fsdp=True needs several processes: launch with torchrun --standalone --nproc_per_node=N train.py --fsdp=True")
+    if settings.gradient_accumulation_steps % processes.world_size != 0:
+        raise UserError(f"gradient_accumulation_steps={settings.gradient_accumulation_steps} (global) does not divide by the "
+                        f"{processes.world_size} processes; use a multiple of {processes.world_size}")
+    dev = pick_device(settings.device)
+    if processes.distributed and dev.startswith("cuda"):
+        dev = f"cuda:{processes.local_rank}"  # one GPU per process, whatever cuda:N was asked for
+    ptdtype = pick_dtype(settings.dtype, dev)
+    if settings.fsdp and ptdtype == "float16":
+        raise UserError("FSDP here uses bfloat16 mixed precision; float16 needs a sharded grad scaler: use --dtype=bfloat16")
+    return dev, ptdtype
+
+
+def read_hellaswag_examples(settings, vocab_size, chars):
+    """The HellaSwag examples to score during training, or None when hellaswag_interval is 0."""
+    if not settings.hellaswag_interval:
+        return None
+    if chars is not None or is_character_vocabulary(vocab_size):
+        raise UserError("HellaSwag scores English text with the GPT-2 BPE tokenizer; a character-level model "
+                        "cannot take it: set --hellaswag_interval=0")
+    examples = load_hellaswag(settings.hellaswag_path)
+    return examples[:settings.hellaswag_max_examples] if settings.hellaswag_max_examples else examples
+
+
+def start_training(settings, model, processes, dev, ptdtype, chars):
+    """The model placed, wrapped and compiled as the settings ask, with a fresh optimizer and scaler."""
+    device_type = dev.split(":")[0]
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    model.set_attention_impl(settings.attn_impl)
+    model.gradient_checkpointing = settings.grad_checkpoint
+    if not (processes.distributed and settings.fsdp):
+        model.to(dev)  # fully_shard moves each shard to the device itself: no whole model on every GPU first
+    wrapped, autocast_dtype = wrap_model(model, processes, settings, device_type, ptdtype)
+    use_compile = settings.compile if settings.compile is not None else device_type == "cuda"
+    return TrainState(settings, model, wrapped, torch.compile(wrapped) if use_compile else wrapped,
+                      build_optimizer(model, settings, device_type),
+                      torch.amp.GradScaler(device_type, enabled=ptdtype == "float16"),
+                      processes, autocast_context(dev, autocast_dtype), dev, chars)
+
+
+def log_start(state, log, init_from, step, ptdtype):
+    s, processes, model = state.settings, state.processes, state.model
+    mode = ("FSDP" if s.fsdp else "DDP") if processes.distributed else "single process"
+    log.print(f"{mode} on {processes.world_size} x {state.device}, {ptdtype}, compile={state.runner is not state.wrapped}; "
+              f"model {model.get_num_params() / 1e6:.2f}M parameters; "
+              f"{s.gradient_accumulation_steps * s.batch_size * model.config.block_size:,} tokens per step; "
+              f"init_from={init_from}" + (f" at step {step}" if init_from == "resume" else ""))
+    log.metrics(dict(event="start", iter=step, init_from=init_from, world_size=processes.world_size, device=state.device,
+                     dtype=ptdtype, params=model.get_num_params()))
+    if step >= s.max_iters and not s.eval_only and init_from == "resume":
+        log.print(f"the checkpoint is at step {step}, not below --max_iters={s.max_iters}: nothing to train")
+
+
+def evaluate(state, batches, log, step, lr, best_val_loss):
+    """Losses on the evaluation batches, logged; a checkpoint when they improve (or always_save_checkpoint).
+    Returns the best validation loss so far."""
+    s = state.settings
+    losses = estimate_loss(state, batches)
+    log.print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    log.metrics(dict(iter=step, train_loss=losses["train"], val_loss=losses["val"], lr=lr))
+    if losses["val"] < best_val_loss or s.always_save_checkpoint:
+        best_val_loss = min(best_val_loss, losses["val"])
+        if step > 0 and not s.eval_only:
+            save_run(state, step, best_val_loss, evaluated=True)
+            log.print(f"saved checkpoint to {checkpoint_path(s.out_dir)}")
+    return best_val_loss
+
+
+def release(log):
+    """Teardown, in an order that matters: the DDP/FSDP module holds the process group, whose destructor joins a
+    gloo worker thread; freeing the module first (the caller dropped its references), then the group, keeps
+    that out of interpreter shutdown."""
+    if sys.exc_info()[2] is not None:  # a failing run: its traceback's frames still hold the module
+        traceback.clear_frames(sys.exc_info()[2])
+    gc.collect()
+    try:
+        if log is not None:
+            log.close()
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
 
 def main():
-    config = apply_overrides(globals(), sys.argv[1:])
-    s = dict(config)
-    dist_env = distributed_env()
+    settings = SimpleNamespace(**apply_overrides(globals(), sys.argv[1:]))
+    s, processes = settings, processes_from_env()
     validate_settings(s)
-    if s["fsdp"] and not dist_env.active:
-        raise UserError("--fsdp=True needs several processes: launch with torchrun --standalone --nproc_per_node=N train.py --fsdp=True")
-    if s["gradient_accumulation_steps"] % dist_env.world_size != 0:
-        raise UserError(f"gradient_accumulation_steps={s['gradient_accumulation_steps']} (global) does not divide by the "
-                        f"{dist_env.world_size} processes; use a multiple of {dist_env.world_size}")
-    micro_steps = s["gradient_accumulation_steps"] // dist_env.world_size  # per process
-    dev = pick_device(s["device"])
-    if dist_env.active and dev.startswith("cuda"):
-        dev = f"cuda:{dist_env.local_rank}"  # one GPU per process, whatever cuda:N was asked for
-    device_type = dev.split(":")[0]
-    ptdtype_name = pick_dtype(s["dtype"], dev)
-    if s["fsdp"] and ptdtype_name == "float16":
-        raise UserError("FSDP here uses bfloat16 mixed precision; float16 needs a sharded grad scaler: use --dtype=bfloat16")
-    data_dir = os.path.join(s["data_root"], s["dataset"])
+    dev, ptdtype = check_launch(s, processes)
+    data_dir = os.path.join(s.data_root, s.dataset)
     vocab_size, chars = data_vocabulary(data_dir)
-    ckpt_path = os.path.join(s["out_dir"], "ckpt.pt")
-    if s["init_from"] in ("scratch", "auto"):  # the settings must make a model, whatever auto decides
+    ckpt_path = checkpoint_path(s.out_dir)
+    if s.init_from in ("scratch", "auto"):  # the settings must make a model, whatever auto decides
         check_model_settings(s, vocab_size)
-    hellaswag_examples = None
-    if s["hellaswag_interval"]:
-        if chars is not None or vocab_size < GPT2_VOCAB_SIZE:
-            raise UserError("HellaSwag scores English text with the GPT-2 BPE tokenizer; a character-level model "
-                            "cannot take it: set --hellaswag_interval=0")
-        hellaswag_examples = load_hellaswag(s["hellaswag_path"])
-        if s["hellaswag_max_examples"]:
-            hellaswag_examples = hellaswag_examples[:s["hellaswag_max_examples"]]
+    hellaswag_examples = read_hellaswag_examples(s, vocab_size, chars)
 
-    log, wrapped = None, None
+    log, state = None, None
     try:
-        init_process_group(dist_env, device_type)
-        if device_type == "cuda":
+        init_process_group(processes, dev.split(":")[0])
+        if dev.startswith("cuda"):
             torch.cuda.set_device(dev)
-        init_from = resolve_init_from(s["init_from"], ckpt_path, dist_env)
-        model, checkpoint = build_model(s, init_from, vocab_size, chars, dist_env)
-        batches = BatchStream(data_dir, model.config.block_size, s["seed"], model.config.vocab_size)
+        init_from = resolve_init_from(s.init_from, ckpt_path, processes)
+        model, checkpoint = build_model(s, init_from, vocab_size, chars, processes)
+        batches = BatchStream(data_dir, model.config.block_size, s.seed, model.config.vocab_size)
         batches.check()
-        model_args = model.config.to_dict()
-        encode = None
         if hellaswag_examples is not None:
-            encode = get_tokenizer(None)[0]
+            encode = get_tokenizer().encode
             for i, example in enumerate(hellaswag_examples):  # an ending the model cannot hold: say so before training
-                example_rows(example, encode, model_args["block_size"], i)
-
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        model.set_attention_impl(s["attn_impl"])
-        model.gradient_checkpointing = s["grad_checkpoint"]
-        if not (dist_env.active and s["fsdp"]):
-            model.to(dev)  # fully_shard moves each shard to the device itself: no whole model on every GPU first
-        raw_model = model
-        wrapped, autocast_dtype = wrap_model(model, dist_env, s["fsdp"], s["fsdp_cpu_offload"], device_type, ptdtype_name)
-        ctx = autocast_context(dev, autocast_dtype)
-        use_compile = s["compile"] if s["compile"] is not None else device_type == "cuda"
-        model = torch.compile(wrapped) if use_compile else wrapped
-        optimizer = raw_model.configure_optimizers(s["weight_decay"], s["learning_rate"], (s["beta1"], s["beta2"]),
-                                                   device_type, fused=False if s["fsdp"] else None)
-        scaler = torch.amp.GradScaler(device_type, enabled=ptdtype_name == "float16")
-        iter_num, best_val_loss, resumed_evaluated = 0, math.inf, False
+                example_rows(example, encode, model.config.block_size, i)
+        state = start_training(s, model, processes, dev, ptdtype, chars)
+        iter_num, best_val_loss, evaluated_step = 0, math.inf, None  # evaluated_step: the resumed step, evaluated before
         if checkpoint is not None:
-            restore_training_state(checkpoint, raw_model, optimizer, scaler)
+            restore_training_state(checkpoint, state.model, state.optimizer, state.scaler)
             iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-            resumed_evaluated = checkpoint.get("evaluated", True)
-        checkpoint = None  # free memory
+            evaluated_step = iter_num if checkpoint.get("evaluated", True) and not s.eval_only else None
+        model = checkpoint = None  # state holds the model; the checkpoint's tensors can go
 
-        wandb_settings = dict(project=s["wandb_project"], name=s["wandb_run_name"], config=config) if s["wandb_log"] else None
-        log = RunLog(s["out_dir"], dist_env.master, wandb_settings)
-        mode = ("FSDP" if s["fsdp"] else "DDP") if dist_env.active else "single process"
-        log.print(f"{mode} on {dist_env.world_size} x {dev}, {ptdtype_name}, compile={use_compile}; model "
-                  f"{raw_model.get_num_params() / 1e6:.2f}M parameters; "
-                  f"{s['gradient_accumulation_steps'] * s['batch_size'] * model_args['block_size']:,} tokens per step; "
-                  f"init_from={init_from}" + (f" at step {iter_num}" if init_from == "resume" else ""))
-        log.metrics(dict(event="start", iter=iter_num, init_from=init_from, world_size=dist_env.world_size, device=dev,
-                         dtype=ptdtype_name, params=raw_model.get_num_params()))
-
-        def save(step, best, evaluated):
-            """evaluated=False marks a checkpoint written on a signal: a resume evaluates that step first."""
-            write_checkpoint(ckpt_path, raw_model, optimizer, scaler, dist_env, model_args=model_args, iter_num=step,
-                             best_val_loss=best, evaluated=evaluated, config=config, world_size=dist_env.world_size,
-                             chars=chars)
-
-        Stop.install(under_torchrun=dist_env.active)
-        resumed_at = iter_num if resumed_evaluated and not s["eval_only"] else None
-        if iter_num >= s["max_iters"] and not s["eval_only"] and init_from == "resume":
-            log.print(f"the checkpoint is at step {iter_num}, not below --max_iters={s['max_iters']}: nothing to train")
-        tokens_per_step = s["gradient_accumulation_steps"] * s["batch_size"] * model_args["block_size"]
+        log = RunLog(s.out_dir, processes.master, dict(project=s.wandb_project, name=s.wandb_run_name,
+                                                       config=vars(s)) if s.wandb_log else None)
+        log_start(state, log, init_from, iter_num, ptdtype)
+        StopRequest.install(under_torchrun=processes.distributed)
         first_iter, stop_requested, skipped_in_a_row = iter_num, False, 0
         t0 = time.time()
         while True:
-            lr = lr_at(iter_num, s["learning_rate"], s["warmup_iters"], s["lr_decay_iters"], s["min_lr"], s["decay_lr"])
-            for group in optimizer.param_groups:
+            lr = lr_at(iter_num, s.learning_rate, s.warmup_iters, s.lr_decay_iters, s.min_lr, s.decay_lr)
+            for group in state.optimizer.param_groups:
                 group["lr"] = lr
             if stop_requested:  # nothing but the checkpoint: torchrun and SLURM kill 30 s after their signal
-                save(iter_num, best_val_loss, evaluated=False)
+                save_run(state, iter_num, best_val_loss, evaluated=False)
                 log.print(f"stopped at step {iter_num} on a signal; checkpoint saved to {ckpt_path}. "
                           f"Continue with --init_from=resume (or --init_from=auto)")
                 break
 
             # evaluate and checkpoint (a resumed run already did this at the step it resumed from)
-            last_step = iter_num >= s["max_iters"]
-            due = lambda interval: (iter_num % interval == 0 or last_step or s["eval_only"]) and iter_num != resumed_at
-            if due(s["eval_interval"]):
-                losses = estimate_loss(model, batches, s["eval_iters"], s["batch_size"], dist_env, ctx, dev)
-                log.print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                log.metrics(dict(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr))
-                if losses["val"] < best_val_loss or s["always_save_checkpoint"]:
-                    best_val_loss = min(best_val_loss, losses["val"])
-                    if iter_num > 0 and not s["eval_only"]:
-                        save(iter_num, best_val_loss, evaluated=True)
-                        log.print(f"saved checkpoint to {ckpt_path}")
+            last_step = iter_num >= s.max_iters
+            due = lambda interval: (iter_num % interval == 0 or last_step or s.eval_only) and iter_num != evaluated_step
+            if due(s.eval_interval):
+                best_val_loss = evaluate(state, batches, log, iter_num, lr, best_val_loss)
                 t0 = time.time()  # step timings leave evaluation out
-            if hellaswag_examples is not None and due(s["hellaswag_interval"]):
-                # the uncompiled module: every example has its own length, which would recompile a compiled one
-                run_hellaswag(raw_model, hellaswag_examples, encode, dist_env, ctx, dev, log, iter_num)
+            if hellaswag_examples is not None and due(s.hellaswag_interval):
+                run_hellaswag(state, hellaswag_examples, encode, log, iter_num)
                 t0 = time.time()
-            if s["eval_only"] or last_step:
+            if s.eval_only or last_step:
                 break
 
-            loss, grad_norm, stop_requested, skipped = train_step(model, wrapped, raw_model, optimizer, scaler, batches,
-                                                                  iter_num, s, micro_steps, dist_env, ctx, dev)
-            skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+            result = train_step(state, batches, iter_num)
+            stop_requested = result.stop_requested
+            skipped_in_a_row = skipped_in_a_row + 1 if result.skipped else 0
             if skipped_in_a_row >= MAX_SKIPPED_STEPS:
                 raise UserError(f"float16 gradients overflowed {skipped_in_a_row} steps in a row up to step {iter_num} "
-                                f"(loss {loss}): the run diverged; try a lower --learning_rate or --dtype=bfloat16 on a GPU that has it")
+                                f"(loss {result.loss}): the run diverged; try a lower --learning_rate "
+                                f"or --dtype=bfloat16 on a GPU that has it")
             t1 = time.time()
             dt, t0 = t1 - t0, t1
-            if iter_num % s["log_interval"] == 0:
-                log_step(log, iter_num, loss, lr, grad_norm, dt, tokens_per_step, raw_model, model_args["block_size"],
-                         dist_env, dev, scaler.get_scale() if scaler.is_enabled() else None, skipped)
+            if iter_num % s.log_interval == 0:
+                log_step(state, log, iter_num, result, lr, dt)
             if iter_num == first_iter:  # optimizer state exists now: report what each process holds
-                report_training_state(raw_model, optimizer, dist_env, log, iter_num)
+                report_training_state(state, log, iter_num)
             iter_num += 1
-        if dist_env.active:
+        if processes.distributed:
             dist.barrier()
     finally:
-        # the order matters: the DDP/FSDP module holds the process group, whose destructor joins a gloo worker
-        # thread; freeing the module first, then the group, keeps that out of interpreter shutdown
-        wrapped = model = raw_model = optimizer = None
-        if sys.exc_info()[2] is not None:  # a failing run: its traceback's frames still hold the module
-            traceback.clear_frames(sys.exc_info()[2])
-        gc.collect()
-        try:
-            if log is not None:
-                log.close()
-        finally:
-            if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()
+        state = model = None
+        release(log)
 
 
 if __name__ == "__main__":

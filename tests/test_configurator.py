@@ -268,3 +268,17 @@ def test_text_setting_takes_numbers_as_text():
     ns = settings()
     apply_overrides(ns, ["--out_dir=2024", "--dataset=42"])
     assert ns["out_dir"] == "2024" and ns["dataset"] == "42"
+
+
+@pytest.mark.parametrize("script, left_out", [("train.py", {"vocab_size"}), ("bench.py", set())])
+def test_model_settings_are_gptconfig_fields_with_its_defaults(script, left_out):
+    """The model settings a script lists in its config block are GPTConfig's fields with GPTConfig's defaults
+    (train.py takes vocab_size from the data): a new field fails here until it is listed."""
+    from dataclasses import fields
+    from model import GPTConfig
+    namespace = runpy.run_path(os.path.join(REPO, script), run_name="settings_only")
+    expected = {f.name: f.default for f in fields(GPTConfig) if f.name not in left_out}
+    listed = namespace["MODEL_SETTINGS"]
+    assert sorted(listed) == sorted(expected) and len(set(listed)) == len(listed)
+    for name, default in expected.items():
+        assert namespace[name] == default and type(namespace[name]) is type(default), name

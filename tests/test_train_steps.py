@@ -6,6 +6,7 @@ activation checkpointing actually recomputing the blocks.
 
 import os
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import train
 import model as model_module
 from model import GPT, GPTConfig
 from common import UserError
+from conftest import TINY_TRAIN_ARGS, read_metrics, run_script
 
 SETTINGS = dict(gradient_accumulation_steps=2, batch_size=3, fsdp=False, seed=7, out_dir="unused", grad_clip=1.0)
 
@@ -95,9 +97,9 @@ def make_run(stream, scaler_enabled, init_scale=2.0**10, seed=0):
 
 
 def step(model, optimizer, scaler, stream, index=0, **overrides):
-    s = dict(SETTINGS, **overrides)
-    return train.train_step(model, model, model, optimizer, scaler, stream, index, s, s["gradient_accumulation_steps"],
-                            train.Dist(), train.autocast_context("cpu", "float32"), "cpu")
+    state = train.TrainState(SimpleNamespace(**dict(SETTINGS, **overrides)), model, model, model, optimizer, scaler,
+                             train.Processes(), train.autocast_context("cpu", "float32"), "cpu")
+    return train.train_step(state, stream, index)
 
 
 def test_grad_scaler_step_unscales_before_clipping_and_updates_like_an_unscaled_step(stream):
@@ -134,7 +136,7 @@ def test_grad_scaler_state_goes_into_the_checkpoint_and_back(stream, tmp_path):
     step(model, optimizer, scaler, stream)
     assert scaler.get_scale() == 2.0**6
     path = str(tmp_path / "ckpt.pt")
-    train.write_checkpoint(path, model, optimizer, scaler, train.Dist(), model_args=model.config.to_dict(), iter_num=1,
+    train.write_checkpoint(path, model, optimizer, scaler, train.Processes(), model_args=model.config.to_dict(), iter_num=1,
                            best_val_loss=1.0, config={}, world_size=1, chars=None)
     checkpoint = torch.load(path, weights_only=True)
     fresh_model, fresh_optimizer, fresh_scaler = make_run(stream, scaler_enabled=True, init_scale=1.0)
@@ -183,13 +185,36 @@ def test_grad_checkpoint_gives_the_same_step(stream):
 
 def test_settings_out_of_range_are_refused_before_any_work():
     good = {k: getattr(train, k) for k in train.apply_overrides(dict(vars(train)), [])}
-    train.validate_settings(good)
+    train.validate_settings(SimpleNamespace(**good))
     for key, bad in [("learning_rate", -1.0), ("grad_clip", -1.0), ("max_iters", -5), ("beta2", 1.0),
                      ("min_lr", 1.0), ("weight_decay", -0.1), ("warmup_iters", -1), ("attn_impl", "fast"),
                      ("seed", -1), ("eval_iters", 0), ("lr_decay_iters", 0), ("fsdp_cpu_offload", True)]:
         with pytest.raises(UserError, match=key):
-            train.validate_settings(dict(good, **{key: bad}))
+            train.validate_settings(SimpleNamespace(**dict(good, **{key: bad})))
     assert os.environ.get("RANK") is None
+
+
+def test_schedule_rules_apply_only_with_decay(tmp_path):
+    """min_lr, warmup_iters and lr_decay_iters shape the decay only: with decay_lr=False a min_lr above
+    learning_rate (config/finetune_shakespeare.py keeps the default 6e-5 beside 3e-5) is no mistake."""
+    good = {k: getattr(train, k) for k in train.apply_overrides(dict(vars(train)), [])}
+    for key, value in [("min_lr", 1.0), ("warmup_iters", -1), ("lr_decay_iters", 0)]:
+        with pytest.raises(UserError, match=key):
+            train.validate_settings(SimpleNamespace(**dict(good, **{key: value})))
+        train.validate_settings(SimpleNamespace(**dict(good, decay_lr=False, **{key: value})))
+    finetune = train.apply_overrides(dict(vars(train)), [os.path.join(os.path.dirname(train.__file__), "config",
+                                                                       "finetune_shakespeare.py"),
+                                                         f"--out_dir={tmp_path / 'out'}"])
+    assert finetune["min_lr"] > finetune["learning_rate"] and not finetune["decay_lr"]
+    train.validate_settings(SimpleNamespace(**finetune))
+
+
+def test_a_run_without_decay_trains_at_learning_rate_whatever_min_lr(data_root, tmp_path):
+    out = tmp_path / "out"
+    run_script(*TINY_TRAIN_ARGS, f"--data_root={data_root}", f"--out_dir={out}", "--decay_lr=False", "--learning_rate=1e-3",
+               "--min_lr=1e-2", "--max_iters=3", check=True, timeout=300)
+    steps = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["iter"] for r in steps] == [0, 1, 2] and all(r["lr"] == 1e-3 for r in steps)
 
 
 @pytest.mark.parametrize("scaler_enabled", [False, True])
