@@ -1,7 +1,7 @@
 """
-What the scripts share and that is not the model: user-facing errors, choosing the device and dtype,
-the GPU peak-FLOPs table, crash-safe checkpoints, the one road from a checkpoint (or a GPT-2 name,
-or a Hugging Face folder) to a ready model, and picking the tokenizer.
+What the scripts share and that is not the model: user-facing errors and range checks, choosing the
+device and dtype, the GPU peak-FLOPs table, crash-safe checkpoints, the model loaders (a new model, a
+trained checkpoint, a GPT-2 name or a Hugging Face folder; load_model picks by --init_from), and the tokenizer.
 """
 
 import os

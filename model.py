@@ -193,7 +193,7 @@ _flex_block_masks = {}
 def sliding_window_block_mask(T, window, device):
     """FlexAttention's block mask of a sliding window, built once per (T, window, device) outside any
     compiled graph, then reused. torch.compiler.disable is applied here on first use, not as a decorator:
-    that would import torch._dynamo with this file, ~1.5 s more start-up for every script."""
+    that would import torch._dynamo with this file, which every script would wait for at start-up."""
     key = (T, window, str(device))
     if key not in _flex_block_masks:
         _flex_block_masks[key] = torch.compiler.disable(_create_sliding_window_block_mask)(T, window, device)
@@ -218,7 +218,7 @@ def flex_window_attention(q, k, v, window):
 def attends_in_float32(x, T, head_dim):
     """
     PyTorch's CPU attention kernels are slower in bf16 than in fp32 for short sequences, which made bf16
-    autocast training no faster than fp32 on a CPU (measured: docs, "Measurements", CPU attention in bf16).
+    autocast training no faster than fp32 on a CPU (measured with bench.py --mode=attention on a CPU).
     Attention on the CPU under low precision (x, the queries or the qkv projection, in bf16/fp16, or
     CPU autocast on) runs in fp32 there, exact for bf16 inputs; long sequences are faster in bf16.
     """
@@ -582,19 +582,19 @@ class GPT(nn.Module):
         attn.c_proj and mlp.c_fc at batch 1 only, and mlp.c_proj is faster as it is. The values and shapes
         stay; one matrix is copied at a time, so there is never a second copy of the model.
         """
-        relaid = []
+        stored_in_out = []
         if self.lm_head.weight.dtype == torch.float32:
-            relaid = [self.lm_head.weight]
+            stored_in_out = [self.lm_head.weight]
             if batch_size == 1:
                 for block in self.transformer.h:
-                    relaid += [block.attn.c_attn.weight, block.attn.c_proj.weight, block.mlp.c_fc.weight]
-            relaid = [p for p in relaid if p.is_contiguous()]
+                    stored_in_out += [block.attn.c_attn.weight, block.attn.c_proj.weight, block.mlp.c_fc.weight]
+            stored_in_out = [p for p in stored_in_out if p.is_contiguous()]
         try:
-            for p in relaid:
+            for p in stored_in_out:
                 p.data = p.data.t().contiguous().t()  # the same values and shape, stored (in, out)
             yield
         finally:
-            for p in relaid:
+            for p in stored_in_out:
                 p.data = p.data.contiguous()
 
     @torch.no_grad()

@@ -89,7 +89,7 @@ hellaswag_max_examples = 0  # 0: all of them
 # distributed
 fsdp = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
 fsdp_cpu_offload = False
-grad_checkpoint = False  # recompute activations block by block in backward: less memory, more compute
+grad_checkpoint = False  # recompute activations block by block in backward: less memory, ~1/3 more compute
 # system
 device = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
 dtype = "auto"  # 'auto' | 'float32' | 'bfloat16' | 'float16'
@@ -104,48 +104,47 @@ MODEL_SETTINGS = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias"
 def validate_settings(settings):
     """Every setting with a meaningful range, checked before any work is done or any file written.
     A rule about a setting that only matters under another one applies only under it."""
-    s = settings
-    need = range_check(vars(s))
+    need = range_check(vars(settings))
     for key in ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size"):
-        need(getattr(s, key) >= 1, key, "use an integer >= 1")
-    need(s.max_iters >= 0, "max_iters", "use an integer >= 0")
-    need(math.isfinite(s.learning_rate) and s.learning_rate > 0, "learning_rate", "use a positive number")
-    if s.decay_lr:  # the schedule's settings; without decay the learning rate is learning_rate throughout
-        need(s.warmup_iters >= 0, "warmup_iters", "use an integer >= 0")
-        need(s.lr_decay_iters >= 1, "lr_decay_iters", "use an integer >= 1")
-        need(math.isfinite(s.min_lr) and 0 <= s.min_lr <= s.learning_rate, "min_lr",
-             f"use a number in [0, learning_rate={s.learning_rate}]")
-        need(s.lr_decay_iters >= s.warmup_iters, "lr_decay_iters",
-             f"use at least warmup_iters={s.warmup_iters}: the cosine decay starts where the warmup ends")
-    need(math.isfinite(s.weight_decay) and s.weight_decay >= 0, "weight_decay", "use a number >= 0")
+        need(getattr(settings, key) >= 1, key, "use an integer >= 1")
+    need(settings.max_iters >= 0, "max_iters", "use an integer >= 0")
+    need(math.isfinite(settings.learning_rate) and settings.learning_rate > 0, "learning_rate", "use a positive number")
+    if settings.decay_lr:  # the schedule's settings; without decay the learning rate is learning_rate throughout
+        need(settings.warmup_iters >= 0, "warmup_iters", "use an integer >= 0")
+        need(settings.lr_decay_iters >= 1, "lr_decay_iters", "use an integer >= 1")
+        need(math.isfinite(settings.min_lr) and 0 <= settings.min_lr <= settings.learning_rate, "min_lr",
+             f"use a number in [0, learning_rate={settings.learning_rate}]")
+        need(settings.lr_decay_iters >= settings.warmup_iters, "lr_decay_iters",
+             f"use at least warmup_iters={settings.warmup_iters}: the cosine decay starts where the warmup ends")
+    need(math.isfinite(settings.weight_decay) and settings.weight_decay >= 0, "weight_decay", "use a number >= 0")
     for key in ("beta1", "beta2"):
-        need(0 <= getattr(s, key) < 1, key, "use a number in [0, 1)")
-    need(math.isfinite(s.grad_clip) and s.grad_clip >= 0, "grad_clip", "use a number > 0, or 0 to disable clipping")
-    need(0 <= s.seed < 2**63, "seed", "use an integer in [0, 2**63)")
-    need(s.compile in (None, True, False), "compile", "use True, False or None (None: on for CUDA only)")
-    need(not (s.attn_impl == "flex" and s.dropout > 0 and s.window is not None), "attn_impl",
+        need(0 <= getattr(settings, key) < 1, key, "use a number in [0, 1)")
+    need(math.isfinite(settings.grad_clip) and settings.grad_clip >= 0, "grad_clip", "use a number > 0, or 0 to disable clipping")
+    need(0 <= settings.seed < 2**63, "seed", "use an integer in [0, 2**63)")
+    need(settings.compile in (None, True, False), "compile", "use True, False or None (None: on for CUDA only)")
+    need(not (settings.attn_impl == "flex" and settings.dropout > 0 and settings.window is not None), "attn_impl",
          "the flex kernel has no dropout; use --attn_impl=blocked (or auto) with dropout, or --dropout=0")
-    need(s.attn_impl in ATTENTION_IMPLS, "attn_impl", f"use one of {', '.join(ATTENTION_IMPLS)}")
-    need(s.out_dir != "", "out_dir", "give a folder name")
-    need(s.dataset not in ("", ".", "..") and os.sep not in s.dataset, "dataset", "give the name of a folder under data_root")
-    need(not s.fsdp_cpu_offload or s.fsdp, "fsdp_cpu_offload", "it needs --fsdp=True")
-    if os.path.exists(s.out_dir) and not os.path.isdir(s.out_dir):
-        raise UserError(f"out_dir {s.out_dir!r} is a file, not a folder; choose another --out_dir")
-    parent = os.path.abspath(s.out_dir)
+    need(settings.attn_impl in ATTENTION_IMPLS, "attn_impl", f"use one of {', '.join(ATTENTION_IMPLS)}")
+    need(settings.out_dir != "", "out_dir", "give a folder name")
+    need(settings.dataset not in ("", ".", "..") and os.sep not in settings.dataset, "dataset", "give the name of a folder under data_root")
+    need(not settings.fsdp_cpu_offload or settings.fsdp, "fsdp_cpu_offload", "it needs --fsdp=True")
+    if os.path.exists(settings.out_dir) and not os.path.isdir(settings.out_dir):
+        raise UserError(f"out_dir {settings.out_dir!r} is a file, not a folder; choose another --out_dir")
+    parent = os.path.abspath(settings.out_dir)
     while not os.path.exists(parent):  # the folder that will hold out_dir must be a writable folder
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise UserError(f"out_dir {s.out_dir!r} cannot be created under {parent} (not a writable folder); choose another --out_dir")
+        raise UserError(f"out_dir {settings.out_dir!r} cannot be created under {parent} (not a writable folder); choose another --out_dir")
     sources = ("scratch", "resume", "auto", *GPT2_NAMES)
-    if s.init_from not in sources and not os.path.isdir(s.init_from):
-        raise UserError(f"unknown init_from {s.init_from!r}; use {', '.join(sources)} or a local folder in the Hugging Face format")
-    if s.hellaswag_interval:
-        need(s.hellaswag_interval >= 0, "hellaswag_interval", "use an integer >= 0 (0 is off)")
-        need(s.hellaswag_max_examples >= 0, "hellaswag_max_examples", "use an integer >= 0 (0: all of them)")
-        if not os.path.isfile(s.hellaswag_path):
-            raise UserError(f"--hellaswag_interval={s.hellaswag_interval} but there is no {s.hellaswag_path}; "
+    if settings.init_from not in sources and not os.path.isdir(settings.init_from):
+        raise UserError(f"unknown init_from {settings.init_from!r}; use {', '.join(sources)} or a local folder in the Hugging Face format")
+    if settings.hellaswag_interval:
+        need(settings.hellaswag_interval >= 0, "hellaswag_interval", "use an integer >= 0 (0 is off)")
+        need(settings.hellaswag_max_examples >= 0, "hellaswag_max_examples", "use an integer >= 0 (0: all of them)")
+        if not os.path.isfile(settings.hellaswag_path):
+            raise UserError(f"--hellaswag_interval={settings.hellaswag_interval} but there is no {settings.hellaswag_path}; "
                             f"download it with python data/hellaswag/prepare.py, or set --hellaswag_interval=0")
-    if s.wandb_log:
+    if settings.wandb_log:
         try:
             import wandb  # noqa: F401
         except ImportError:
@@ -414,35 +413,34 @@ TRAINING_KEYS = ("optimizer", "iter_num", "best_val_loss", "config")
 
 def build_model(settings, init_from, vocab_size, chars, processes):
     """(model on the CPU, checkpoint or None) for a run starting from init_from, checked against the data."""
-    s = settings
-    ckpt_path = checkpoint_path(s.out_dir)
-    torch.manual_seed(s.seed)  # the same initial weights on every process (FSDP shards them where they are)
+    ckpt_path = checkpoint_path(settings.out_dir)
+    torch.manual_seed(settings.seed)  # the same initial weights on every process (FSDP shards them where they are)
     if init_from == "resume":
         checkpoint = read_checkpoint_everywhere(ckpt_path, processes)
         missing = [k for k in TRAINING_KEYS if k not in checkpoint]
         if missing:
             raise UserError(f"{ckpt_path} holds a model but not a training run (no {', '.join(missing)}); start from it "
                             f"with --init_from=scratch and load it elsewhere, or export it and use --init_from=<folder>")
-        loaded = load_trained(s.out_dir, checkpoint=checkpoint, need_decoding=False)
-        if loaded.model.config.block_size != s.block_size:
+        loaded = load_trained(settings.out_dir, checkpoint=checkpoint, need_decoding=False)
+        if loaded.model.config.block_size != settings.block_size:
             raise UserError(f"the checkpoint was trained with block_size={loaded.model.config.block_size}; resume with that")
-        if checkpoint["config"].get("seed", s.seed) != s.seed:
+        if checkpoint["config"].get("seed", settings.seed) != settings.seed:
             raise UserError(f"the checkpoint was trained with seed={checkpoint['config']['seed']}, which fixes its batches "
                             f"and dropout; resume with --seed={checkpoint['config']['seed']}")
         other_char_count = is_character_vocabulary(vocab_size) and loaded.model.config.vocab_size != vocab_size
         if checkpoint.get("chars") != chars or other_char_count:
-            raise UserError(f"{ckpt_path} was trained on another vocabulary than {s.dataset}'s; resume it on its own "
+            raise UserError(f"{ckpt_path} was trained on another vocabulary than {settings.dataset}'s; resume it on its own "
                             f"data set ({checkpoint['config'].get('dataset', '?')})")
         return loaded.model, checkpoint
     if init_from == "scratch":
-        return new_model(model_args(s, vocab_size)), None
-    overrides = {k: getattr(s, k) for k in GPTConfig.PRETRAINED_OVERRIDES if getattr(s, k) is not None}
+        return new_model(model_args(settings, vocab_size)), None
+    overrides = {k: getattr(settings, k) for k in GPTConfig.PRETRAINED_OVERRIDES if getattr(settings, k) is not None}
     loaded = load_pretrained(init_from, overrides, need_decoding=False)
-    if s.rope and not loaded.model.config.rope:  # the source decides the position encoding; it cannot be switched
+    if settings.rope and not loaded.model.config.rope:  # the source decides the position encoding; it cannot be switched
         raise UserError(f"{init_from} uses learned positions; --rope=True needs init_from=scratch or a rotary model")
     if loaded.chars != chars:
         kind = lambda c: "GPT-2 BPE" if c is None else f"a {len(c)}-character vocabulary"
-        raise UserError(f"{init_from} reads {kind(loaded.chars)} but {s.dataset} is in {kind(chars)}; "
+        raise UserError(f"{init_from} reads {kind(loaded.chars)} but {settings.dataset} is in {kind(chars)}; "
                         f"fine-tune it on data in its own tokens")
     return loaded.model, None
 
@@ -516,15 +514,15 @@ class StepResult(NamedTuple):
 def train_step(state, batches, step):
     """state.micro_steps forward/backward passes on this process's slices of the global batch of `step`,
     then one optimizer step."""
-    s, processes, dev = state.settings, state.processes, state.device
-    offsets = batches.offsets(TRAIN_STREAM, step, s.gradient_accumulation_steps * s.batch_size, "train")
+    settings, processes, dev = state.settings, state.processes, state.device
+    offsets = batches.offsets(TRAIN_STREAM, step, settings.gradient_accumulation_steps * settings.batch_size, "train")
     loss_sum = torch.zeros((), device=dev)
     for micro in range(state.micro_steps):
         state.set_gradient_sync(micro == state.micro_steps - 1)
         micro_batch = processes.rank * state.micro_steps + micro  # its index in the global batch
-        start = micro_batch * s.batch_size
-        X, Y = (t.to(dev, non_blocking=True) for t in batches.rows("train", offsets[start:start + s.batch_size]))
-        torch.manual_seed(dropout_seed(s.seed, step, micro_batch))
+        start = micro_batch * settings.batch_size
+        X, Y = (t.to(dev, non_blocking=True) for t in batches.rows("train", offsets[start:start + settings.batch_size]))
+        torch.manual_seed(dropout_seed(settings.seed, step, micro_batch))
         with state.autocast:
             _, loss = state.runner(X, Y)
         loss_sum += loss.detach().float()
@@ -533,11 +531,11 @@ def train_step(state, batches, step):
     summary = torch.stack([loss_sum, torch.tensor(float(StopRequest.requested), device=dev)])
     if processes.distributed:
         dist.all_reduce(summary)
-    step_loss = summary[0].item() / s.gradient_accumulation_steps
+    step_loss = summary[0].item() / settings.gradient_accumulation_steps
     stop_requested = summary[1].item() > 0
     if not math.isfinite(step_loss) and not state.scaler.is_enabled():  # float16 overflows are the scaler's to skip
-        kept = ("so the last good checkpoint in " + s.out_dir + " is kept"
-                if os.path.exists(checkpoint_path(s.out_dir)) else "and no checkpoint had been written yet")
+        kept = ("so the last good checkpoint in " + settings.out_dir + " is kept"
+                if os.path.exists(checkpoint_path(settings.out_dir)) else "and no checkpoint had been written yet")
         raise UserError(f"loss became {step_loss} at step {step}; stopped without saving, {kept}. "
                         f"Try a lower --learning_rate or check the data")
     grad_norm, skipped = optimizer_step(state)
@@ -620,10 +618,10 @@ def training_state_bytes(model, optimizer):
     def local(t):
         return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's shard on this process
     params = [local(p) for p in model.parameters()]
-    state = [local(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    moments = [local(v) for per_param in optimizer.state.values() for v in per_param.values() if torch.is_tensor(v)]
     return dict(params=sum(t.numel() * t.element_size() for t in params),
                 grads=sum(t.numel() * t.element_size() for t in params),  # one gradient per parameter element
-                optimizer=sum(t.numel() * t.element_size() for t in state))
+                optimizer=sum(t.numel() * t.element_size() for t in moments))
 
 
 def report_training_state(state, log, step):
@@ -638,8 +636,8 @@ MAX_SKIPPED_STEPS = 20  # float16: this many overflowing steps in a row is diver
 
 
 def log_step(state, log, step, result, lr, dt):
-    s = state.settings
-    tokens_per_sec = s.gradient_accumulation_steps * s.batch_size * state.model.config.block_size / dt
+    settings = state.settings
+    tokens_per_sec = settings.gradient_accumulation_steps * settings.batch_size * state.model.config.block_size / dt
     mfu = estimate_mfu(state.model, state.model.config.block_size, tokens_per_sec / state.processes.world_size, state.device)
     record = dict(iter=step, loss=result.loss, lr=lr, grad_norm=result.grad_norm, ms=dt * 1000, tokens_per_sec=tokens_per_sec)
     if mfu is not None:
@@ -708,30 +706,30 @@ def start_training(settings, model, processes, dev, ptdtype, chars):
 
 
 def log_start(state, log, init_from, step, ptdtype):
-    s, processes, model = state.settings, state.processes, state.model
-    mode = ("FSDP" if s.fsdp else "DDP") if processes.distributed else "single process"
+    settings, processes, model = state.settings, state.processes, state.model
+    mode = ("FSDP" if settings.fsdp else "DDP") if processes.distributed else "single process"
     log.print(f"{mode} on {processes.world_size} x {state.device}, {ptdtype}, compile={state.runner is not state.wrapped}; "
               f"model {model.get_num_params() / 1e6:.2f}M parameters; "
-              f"{s.gradient_accumulation_steps * s.batch_size * model.config.block_size:,} tokens per step; "
+              f"{settings.gradient_accumulation_steps * settings.batch_size * model.config.block_size:,} tokens per step; "
               f"init_from={init_from}" + (f" at step {step}" if init_from == "resume" else ""))
     log.metrics(dict(event="start", iter=step, init_from=init_from, world_size=processes.world_size, device=state.device,
                      dtype=ptdtype, params=model.get_num_params()))
-    if step >= s.max_iters and not s.eval_only and init_from == "resume":
-        log.print(f"the checkpoint is at step {step}, not below --max_iters={s.max_iters}: nothing to train")
+    if step >= settings.max_iters and not settings.eval_only and init_from == "resume":
+        log.print(f"the checkpoint is at step {step}, not below --max_iters={settings.max_iters}: nothing to train")
 
 
 def evaluate(state, batches, log, step, lr, best_val_loss):
     """Losses on the evaluation batches, logged; a checkpoint when they improve (or always_save_checkpoint).
     Returns the best validation loss so far."""
-    s = state.settings
+    settings = state.settings
     losses = estimate_loss(state, batches)
     log.print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
     log.metrics(dict(iter=step, train_loss=losses["train"], val_loss=losses["val"], lr=lr))
-    if losses["val"] < best_val_loss or s.always_save_checkpoint:
+    if losses["val"] < best_val_loss or settings.always_save_checkpoint:
         best_val_loss = min(best_val_loss, losses["val"])
-        if step > 0 and not s.eval_only:
+        if step > 0 and not settings.eval_only:
             save_run(state, step, best_val_loss, evaluated=True)
-            log.print(f"saved checkpoint to {checkpoint_path(s.out_dir)}")
+            log.print(f"saved checkpoint to {checkpoint_path(settings.out_dir)}")
     return best_val_loss
 
 
@@ -754,45 +752,45 @@ def release(log):
 
 def main():
     settings = SimpleNamespace(**apply_overrides(globals(), sys.argv[1:]))
-    s, processes = settings, processes_from_env()
-    validate_settings(s)
-    dev, ptdtype = check_launch(s, processes)
-    data_dir = os.path.join(s.data_root, s.dataset)
+    processes = processes_from_env()
+    validate_settings(settings)
+    dev, ptdtype = check_launch(settings, processes)
+    data_dir = os.path.join(settings.data_root, settings.dataset)
     vocab_size, chars = data_vocabulary(data_dir)
-    ckpt_path = checkpoint_path(s.out_dir)
-    if s.init_from in ("scratch", "auto"):  # the settings must make a model, whatever auto decides
-        check_model_settings(s, vocab_size)
-    hellaswag_examples = read_hellaswag_examples(s, vocab_size, chars)
+    ckpt_path = checkpoint_path(settings.out_dir)
+    if settings.init_from in ("scratch", "auto"):  # the settings must make a model, whatever auto decides
+        check_model_settings(settings, vocab_size)
+    hellaswag_examples = read_hellaswag_examples(settings, vocab_size, chars)
 
     log, state = None, None
     try:
         init_process_group(processes, dev.split(":")[0])
         if dev.startswith("cuda"):
             torch.cuda.set_device(dev)
-        init_from = resolve_init_from(s.init_from, ckpt_path, processes)
-        model, checkpoint = build_model(s, init_from, vocab_size, chars, processes)
-        batches = BatchStream(data_dir, model.config.block_size, s.seed, model.config.vocab_size)
+        init_from = resolve_init_from(settings.init_from, ckpt_path, processes)
+        model, checkpoint = build_model(settings, init_from, vocab_size, chars, processes)
+        batches = BatchStream(data_dir, model.config.block_size, settings.seed, model.config.vocab_size)
         batches.check()
         if hellaswag_examples is not None:
             encode = get_tokenizer().encode
             for i, example in enumerate(hellaswag_examples):  # an ending the model cannot hold: say so before training
                 example_rows(example, encode, model.config.block_size, i)
-        state = start_training(s, model, processes, dev, ptdtype, chars)
+        state = start_training(settings, model, processes, dev, ptdtype, chars)
         iter_num, best_val_loss, evaluated_step = 0, math.inf, None  # evaluated_step: the resumed step, evaluated before
         if checkpoint is not None:
             restore_training_state(checkpoint, state.model, state.optimizer, state.scaler)
             iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-            evaluated_step = iter_num if checkpoint.get("evaluated", True) and not s.eval_only else None
+            evaluated_step = iter_num if checkpoint.get("evaluated", True) and not settings.eval_only else None
         model = checkpoint = None  # state holds the model; the checkpoint's tensors can go
 
-        log = RunLog(s.out_dir, processes.master, dict(project=s.wandb_project, name=s.wandb_run_name,
-                                                       config=vars(s)) if s.wandb_log else None)
+        log = RunLog(settings.out_dir, processes.master, dict(project=settings.wandb_project, name=settings.wandb_run_name,
+                                                       config=vars(settings)) if settings.wandb_log else None)
         log_start(state, log, init_from, iter_num, ptdtype)
         StopRequest.install(under_torchrun=processes.distributed)
         first_iter, stop_requested, skipped_in_a_row = iter_num, False, 0
         t0 = time.time()
         while True:
-            lr = lr_at(iter_num, s.learning_rate, s.warmup_iters, s.lr_decay_iters, s.min_lr, s.decay_lr)
+            lr = lr_at(iter_num, settings.learning_rate, settings.warmup_iters, settings.lr_decay_iters, settings.min_lr, settings.decay_lr)
             for group in state.optimizer.param_groups:
                 group["lr"] = lr
             if stop_requested:  # nothing but the checkpoint: torchrun and SLURM kill 30 s after their signal
@@ -802,15 +800,15 @@ def main():
                 break
 
             # evaluate and checkpoint (a resumed run already did this at the step it resumed from)
-            last_step = iter_num >= s.max_iters
-            due = lambda interval: (iter_num % interval == 0 or last_step or s.eval_only) and iter_num != evaluated_step
-            if due(s.eval_interval):
+            last_step = iter_num >= settings.max_iters
+            due = lambda interval: (iter_num % interval == 0 or last_step or settings.eval_only) and iter_num != evaluated_step
+            if due(settings.eval_interval):
                 best_val_loss = evaluate(state, batches, log, iter_num, lr, best_val_loss)
                 t0 = time.time()  # step timings leave evaluation out
-            if hellaswag_examples is not None and due(s.hellaswag_interval):
+            if hellaswag_examples is not None and due(settings.hellaswag_interval):
                 run_hellaswag(state, hellaswag_examples, encode, log, iter_num)
                 t0 = time.time()
-            if s.eval_only or last_step:
+            if settings.eval_only or last_step:
                 break
 
             result = train_step(state, batches, iter_num)
@@ -822,7 +820,7 @@ def main():
                                 f"or --dtype=bfloat16 on a GPU that has it")
             t1 = time.time()
             dt, t0 = t1 - t0, t1
-            if iter_num % s.log_interval == 0:
+            if iter_num % settings.log_interval == 0:
                 log_step(state, log, iter_num, result, lr, dt)
             if iter_num == first_iter:  # optimizer state exists now: report what each process holds
                 report_training_state(state, log, iter_num)

@@ -22,6 +22,7 @@ import time
 import statistics
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import torch
 
@@ -55,9 +56,11 @@ def step_times(repeats=20):
                               vocab_size=65, dropout=0.0, rope=rope, window=window))
         optimizer = model.configure_optimizers(0.1, lr, (beta1, c["beta2"]), "cpu")
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        s = dict(gradient_accumulation_steps=1, batch_size=batch_size, seed=1337, grad_clip=1.0, out_dir=REPO, fsdp=False)
-        ctx = train.autocast_context("cpu", dtype)
-        return lambda step: train.train_step(model, model, model, optimizer, scaler, stream, step, s, 1, train.Dist(), ctx, "cpu")
+        settings = SimpleNamespace(gradient_accumulation_steps=1, batch_size=batch_size, seed=1337, grad_clip=1.0,
+                                   out_dir=REPO, fsdp=False)
+        state = train.TrainState(settings, model, model, model, optimizer, scaler, train.Processes(),
+                                 train.autocast_context("cpu", dtype), "cpu")
+        return lambda step: train.train_step(state, stream, step)
 
     steps = {b: setup(b) for b in BATCHES}
     # nanoGPT's CPU recipe as experiments/time_to_quality.py runs it: float32, learned positions, batch 12
