@@ -783,14 +783,15 @@ def main():
             evaluated_step = iter_num if checkpoint.get("evaluated", True) and not settings.eval_only else None
         model = checkpoint = None  # state holds the model; the checkpoint's tensors can go
 
-        log = RunLog(settings.out_dir, processes.master, dict(project=settings.wandb_project, name=settings.wandb_run_name,
-                                                       config=vars(settings)) if settings.wandb_log else None)
+        wandb_settings = dict(project=settings.wandb_project, name=settings.wandb_run_name, config=vars(settings))
+        log = RunLog(settings.out_dir, processes.master, wandb_settings if settings.wandb_log else None)
         log_start(state, log, init_from, iter_num, ptdtype)
         StopRequest.install(under_torchrun=processes.distributed)
         first_iter, stop_requested, skipped_in_a_row = iter_num, False, 0
         t0 = time.time()
         while True:
-            lr = lr_at(iter_num, settings.learning_rate, settings.warmup_iters, settings.lr_decay_iters, settings.min_lr, settings.decay_lr)
+            lr = lr_at(iter_num, settings.learning_rate, settings.warmup_iters, settings.lr_decay_iters, settings.min_lr,
+                       settings.decay_lr)
             for group in state.optimizer.param_groups:
                 group["lr"] = lr
             if stop_requested:  # nothing but the checkpoint: torchrun and SLURM kill 30 s after their signal
