@@ -517,14 +517,14 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len):
         """Training FLOPs per token (forward + backward): 6 per weight plus the attention scores (PaLM, appendix B)."""
         cfg = self.config
-        n = self.get_num_params(non_embedding=True)
+        n_params = self.get_num_params(non_embedding=True)
         attn = 0
         for layer in range(cfg.n_layer):
             w = cfg.layer_window(layer)
             # mean number of keys a query sees: causal (T+1)/2, windowed about W; the common 6N+12LHQT uses T
             context = seq_len if w is None else min(w, seq_len)
             attn += 12 * cfg.n_head * cfg.head_dim * context
-        return 6 * n + attn
+        return 6 * n_params + attn
 
     # -------------------------------------------------------------------------
     # Generation
