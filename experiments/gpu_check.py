@@ -41,7 +41,7 @@ from common import UserError, run_main  # noqa: E402
 TOTAL_BUDGET_S = 480  # the promise: 8 minutes on one H100/H200
 DRY_TOTAL_BUDGET_S = 900  # 2 shared CPU cores: slow start-ups, no promise but a bound
 MFU_GOAL, MFU_AIM = 0.40, 0.50  # llm.c reaches ~40% on an H100, build-nanogpt ~50% on an A100
-SHAKESPEARE_BUDGET_S, SHAKESPEARE_DRY_BUDGET_S = 36, 8  # wall time of each real run, from launch, compile included
+SHAKESPEARE_BUDGET_S, SHAKESPEARE_DRY_BUDGET_S = 36, 8  # wall time of each real run, from launch
 SHAKESPEARE_ANCHOR = "nanoGPT's baby GPT: val loss 1.4697 after 5000 steps, about 3 minutes on an A100"
 GIB_PER_SAMPLE_GUESS = 1.0  # GPT-2 124M, T=1024, bf16, compiled: ~0.7 GiB of activations and logits a sequence
 
@@ -443,11 +443,14 @@ def prepared_data(c):
 
 
 def check_shakespeare(c):
-    """config/train_shakespeare_char.py as it is, stopped (SIGTERM: train.py checkpoints and stops) after a fixed
-    wall-time budget from launch, compile included; learned positions, then rope."""
+    """config/train_shakespeare_char.py, stopped (SIGTERM: train.py checkpoints and stops) after a fixed wall-time
+    budget from launch; learned positions, then rope."""
     data_root = prepared_data(c)
-    extra = [*TINY_TRAIN, "--dtype=float32", "--warmup_iters=2", "--eval_interval=5", "--eval_iters=2", "--log_interval=1"] \
-        if c.dry_run else []
+    if c.dry_run:
+        extra = [*TINY_TRAIN, "--dtype=float32", "--warmup_iters=2", "--eval_interval=5", "--eval_iters=2", "--log_interval=1"]
+    else:  # compiling the training and evaluation graphs would take most of the budget; the bench check measures compile
+        extra = ["--compile=False"]
+        c.notes.append(f"each row: {SHAKESPEARE_BUDGET_S} s of wall time from launch, without torch.compile")
     budget = SHAKESPEARE_DRY_BUDGET_S if c.dry_run else SHAKESPEARE_BUDGET_S
     rows, failures = [], []
     variants = (("learned positions", []), ("rope", ["--rope=True"]))

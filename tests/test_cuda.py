@@ -9,6 +9,7 @@ the same body means something on a CPU it runs there too, so the code is exercis
 
 import os
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import torch
 import train
 import model as M
 from model import GPT, GPTConfig
+from common import load_checkpoint
 from conftest import TINY_TRAIN_ARGS, read_metrics, run_script, tiny_model
 from test_attention import naive_attention, forward_backward
 from test_distributed import torchrun
@@ -27,11 +29,20 @@ V = 64
 
 
 @pytest.fixture()
-def stream(tmp_path):
-    """Tokens where each one is followed by the next, mod 64: a tiny model learns it within a few steps."""
+def toy_data_root(tmp_path):
+    """A character data set 'toy' of 64 symbols, each followed by the next (mod 64): a tiny model learns it within
+    a few steps, and nothing is downloaded or prepared (a GPU machine may have neither network nor tiny Shakespeare)."""
+    folder = tmp_path / "toy"
+    folder.mkdir()
     for split in ("train", "val"):
-        (np.arange(5000) % V).astype(np.uint16).tofile(tmp_path / f"{split}.bin")
-    return train.BatchStream(str(tmp_path), block_size=16, seed=3, vocab_size=V)
+        (np.arange(5000) % V).astype(np.uint16).tofile(folder / f"{split}.bin")
+    (folder / "meta.json").write_text(json.dumps(dict(vocab_size=V, itos={str(i): chr(33 + i) for i in range(V)})))
+    return tmp_path
+
+
+@pytest.fixture()
+def stream(toy_data_root):
+    return train.BatchStream(str(toy_data_root / "toy"), block_size=16, seed=3, vocab_size=V)
 
 
 def train_run(stream, device, dtype, steps=5, compile=False, init_scale=2.0**16):
@@ -170,11 +181,11 @@ def test_fused_adamw_matches_the_per_tensor_loop(device):
 
 
 @pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow), CUDA])
-def test_fsdp2_bf16_mixed_precision_trains_like_one_fp32_process(data_root, tmp_path, device):
+def test_fsdp2_bf16_mixed_precision_trains_like_one_fp32_process(toy_data_root, tmp_path, device):
     """torchrun --nproc_per_node=1 train.py --fsdp=True --dtype=bfloat16 (NCCL on a GPU, gloo on a CPU): bf16
     compute through FSDP2's mixed-precision policy, float32 master weights, losses near one float32 process."""
     args = [*TINY_TRAIN_ARGS, f"--device={device}", "--bias=False", "--max_iters=8", "--eval_interval=8",
-            "--gradient_accumulation_steps=2", f"--data_root={data_root}"]
+            "--gradient_accumulation_steps=2", "--dataset=toy", f"--data_root={toy_data_root}"]
     single, fsdp = str(tmp_path / "single"), str(tmp_path / "fsdp")
     run_script(*args, "--dtype=float32", f"--out_dir={single}", timeout=300, check=True)
     result = torchrun(1, *args, "--dtype=bfloat16", "--fsdp=True", f"--out_dir={fsdp}", timeout=300)
@@ -186,5 +197,5 @@ def test_fsdp2_bf16_mixed_precision_trains_like_one_fp32_process(data_root, tmp_
     differences = [abs(ours[i] - reference[i]) for i in ours]
     assert max(differences) < 0.05, (reference, ours)
     assert max(differences) > 1e-4, "the losses of float32 (up to roundoff): no bf16 compute"
-    weights = torch.load(os.path.join(fsdp, "ckpt.pt"), weights_only=True)["model"]
+    weights = load_checkpoint(os.path.join(fsdp, "ckpt.pt"))["model"]
     assert all(t.dtype == torch.float32 for t in weights.values())  # the master weights stay float32
