@@ -134,9 +134,11 @@ class CheckContext:
                         proc.send_signal(signal.SIGTERM)
                     time.sleep(0.2)
             finally:
-                if proc.poll() is None:
+                try:  # whatever it left behind (a worker of torchrun, a compile worker) would hold the GPU's memory
                     os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+                except (ProcessLookupError, PermissionError):
+                    pass
+                proc.wait()
         with open(out_path) as f:
             stdout = f.read()
         with open(err_path) as f:
