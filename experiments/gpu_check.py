@@ -244,8 +244,8 @@ def check_bench(c):
     """bench.py's training step, GPT-2 124M at T=1024, bf16, compiled, at the largest batch that fits."""
     if c.dry_run:
         settings = [*TINY_MODEL, "--device=cpu", "--dtype=bfloat16", "--compile=False", "--warmup_steps=1", "--steps=2"]
-        start, cap = 1, 4
-        c.notes.append("dry run: a tiny model on the CPU without torch.compile, batch sizes 1 to 4 (no OOM to find); "
+        start, cap = 2, 4
+        c.notes.append("dry run: a tiny model on the CPU without torch.compile, batch sizes 2 and 4 (no OOM to find); "
                        "MFU needs a GPU's peak FLOPs")
     else:
         settings = [*GPT2_SMALL, "--device=cuda", "--dtype=bfloat16", "--compile=True", "--warmup_steps=3", "--steps=10"]

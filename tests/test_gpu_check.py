@@ -58,7 +58,7 @@ def test_dry_run_runs_every_check(dry_run):
 def test_dry_run_figures_are_what_the_scripts_measured(dry_run):
     _, out, _, checks = dry_run
     bench = checks["bench"]
-    assert [row["batch"] for row in bench["rows"]] == [1, 2, 4] and all(row["fits"] for row in bench["rows"])
+    assert [row["batch"] for row in bench["rows"]] == [2, 4] and all(row["fits"] for row in bench["rows"])
     measured = read_jsonl(out / "bench" / "train_b4.jsonl")[-1]["result"]  # bench.py's own record
     assert bench["figures"]["batch_size"] == 4 and bench["figures"]["tokens_per_sec"] == measured["tokens_per_sec"]
     assert bench["figures"]["mfu"] is None  # no peak FLOPs for a CPU
@@ -185,16 +185,36 @@ def test_a_failing_check_does_not_stop_the_others(tmp_path):
     assert "x\\|y" in text  # a cell's | does not break the table
 
 
+def run_in_process(monkeypatch, capsys, *args):
+    """gpu_check's main() as the command line runs it; returns (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["experiments/gpu_check.py", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.run_main(gpu_check.main)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def assert_one_line(code, stderr, *fragments):
+    lines = stderr.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("error:"), stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="here the command would run the GPU checks")
-def test_no_gpu_without_dry_run_is_one_line(tmp_path):
-    result = run_script("experiments/gpu_check.py", f"--out={tmp_path / 'report'}", timeout=120)
-    assert_user_error(result, "no CUDA GPU", "--dry_run")
+def test_no_gpu_without_dry_run_is_one_line(tmp_path, monkeypatch, capsys):
+    assert_one_line(*run_in_process(monkeypatch, capsys, f"--out={tmp_path / 'report'}"), "no CUDA GPU", "--dry_run")
     assert not (tmp_path / "report").exists()
 
 
-def test_unknown_check_is_one_line(tmp_path):
-    result = run_script("experiments/gpu_check.py", "--dry_run", "--only=bench,speed", f"--out={tmp_path / 'report'}", timeout=120)
-    assert_user_error(result, "--only", "'speed'", "cuda_tests")
+def test_unknown_check_is_one_line(tmp_path, monkeypatch, capsys):
+    code, stderr = run_in_process(monkeypatch, capsys, "--dry_run", "--only=bench,speed", f"--out={tmp_path / 'report'}")
+    assert_one_line(code, stderr, "--only", "'speed'", "cuda_tests")
+    assert not (tmp_path / "report").exists()
+
+
+def test_the_command_line_reports_a_user_error(tmp_path):
+    result = run_script("experiments/gpu_check.py", "--dry_run", "--budget_scale=0", f"--out={tmp_path / 'report'}", timeout=120)
+    assert_user_error(result, "--budget_scale=0.0")
     assert not (tmp_path / "report").exists()
 
 
