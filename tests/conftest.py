@@ -19,6 +19,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked cuda are skipped, with that reason, where there is no CUDA GPU (pyproject.toml's marker)."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="cuda: needs a CUDA GPU; skipped elsewhere")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 def shakespeare_input():
     """input.txt of tiny Shakespeare: ../shared's copy, or one already downloaded into data/."""
     for path in (os.path.join(SHARED, "data", "tinyshakespeare", "input.txt"),

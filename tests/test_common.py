@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import common
 from common import UserError, pick_device, pick_dtype, read_char_vocab
 
 
@@ -144,3 +145,17 @@ def test_unreadable_meta_is_one_line(tmp_path):
     with pytest.raises(UserError) as info:
         read_char_vocab(str(tmp_path / "meta.json"))
     assert "\n" not in str(info.value) and "meta.json" in str(info.value)
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H200", 989e12), ("NVIDIA GH200 480GB", 989e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A10G", 70e12), ("NVIDIA A10", 125e12),
+    ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12), ("Tesla T4", 65e12),
+    ("NVIDIA H20", None), ("Some Future GPU", None),
+])
+def test_device_peak_flops_by_device_name(monkeypatch, name, peak):
+    """The first matching entry wins: an H200 is not read as anything else, nor an H100 PCIe as an SXM H100,
+    and a device the table does not know has no MFU rather than a guessed one."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert common.device_peak_flops("cuda:0") == peak
+    assert common.device_peak_flops("cpu") is None
