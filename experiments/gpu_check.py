@@ -276,7 +276,7 @@ def check_bench(c):
     if r["mfu"] is not None:
         figures.update(mfu_goal=MFU_GOAL, mfu_aim=MFU_AIM, mfu_goal_met=r["mfu"] >= MFU_GOAL, mfu_aim_met=r["mfu"] >= MFU_AIM)
     elif not c.dry_run:
-        c.notes.append(f"no MFU: {c.device.get('name')} is not in common.PEAK_BF16_FLOPS")
+        c.notes.append(f"no MFU: {c.device.get('name')} is not in common.PEAK_TRAINING_FLOPS")
     return dict(status="pass", figures=figures, rows=rows)
 
 

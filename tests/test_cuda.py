@@ -10,6 +10,7 @@ the same body means something on a CPU it runs there too, so the code is exercis
 import os
 import copy
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -54,12 +55,12 @@ def train_run(stream, device, dtype, steps=5, compile=False, init_scale=2.0**16)
     optimizer = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), device)
     scaler = torch.amp.GradScaler(device, enabled=dtype == "float16", init_scale=init_scale)
     run = torch.compile(model) if compile else model
-    settings = dict(gradient_accumulation_steps=2, batch_size=4, fsdp=False, seed=7, out_dir="unused", grad_clip=1.0)
-    ctx = train.autocast_context(device, dtype)
+    settings = SimpleNamespace(gradient_accumulation_steps=2, batch_size=4, fsdp=False, seed=7, out_dir="unused", grad_clip=1.0)
+    state = train.TrainState(settings, model, model, run, optimizer, scaler, train.Processes(),
+                             train.autocast_context(device, dtype), device)
     losses, norms, skipped = [], [], []
     for step in range(steps):
-        loss, norm, _, skip = train.train_step(run, model, model, optimizer, scaler, stream, step, settings, 2, train.Dist(),
-                                               ctx, device)
+        loss, norm, _, skip = train.train_step(state, stream, step)
         losses.append(loss), norms.append(norm), skipped.append(skip)
     return losses, norms, skipped, model, scaler
 
