@@ -16,22 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, assert_user_error, read_metrics, script_env, shakespeare_input
+from conftest import assert_user_error, fresh_copy, read_metrics, script_env, shakespeare_input
 
 pytestmark = pytest.mark.slow  # four processes, one of them a 2-process torchrun: about a minute on 2 cores
-
-
-def fresh_copy(dest):
-    """The files a clone would have: tracked, or new and not ignored (no data, outputs or caches)."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, timeout=60)
-    if listed.returncode != 0:
-        pytest.skip("not a git checkout: cannot tell which files a fresh copy has")
-    for name in filter(None, listed.stdout.decode().split("\0")):
-        if os.path.isfile(os.path.join(REPO, name)):  # listed but deleted in the working tree: not there
-            os.makedirs(os.path.join(dest, os.path.dirname(name)), exist_ok=True)
-            shutil.copy(os.path.join(REPO, name), os.path.join(dest, name))
-    return dest
 
 
 def run(repo, *args, env=None, timeout=600):
