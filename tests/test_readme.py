@@ -331,6 +331,10 @@ CANNOT_RUN = [
     (lambda a: a[:3] == ["python", "-m", "pytest"], "the test suite itself"),
     (lambda a: a[:2] == ["git", "clone"], "downloads a repository from GitHub (no network)"),
     (lambda a: a[0] == "sbatch", "needs a SLURM cluster (the batch script it submits is checked with bash -n)"),
+    (lambda a: python_script(a, "experiments/gpu_check.py") and "--dry_run" not in a,
+     "needs a CUDA GPU (its --dry_run runs the same code paths)"),
+    (lambda a: python_script(a, "experiments/gpu_check.py") and "--dry_run" in a,
+     "runs in full in tests/test_gpu_check.py, which also checks its reports (2 minutes on 2 cores: not run twice)"),
 ]
 
 
@@ -387,10 +391,13 @@ def test_readme_is_a_front_page():
     docs = documents()
     on_disk = {f"docs/{name}" for name in os.listdir(os.path.join(REPO, "docs")) if name.endswith(".md")}
     assert on_disk <= set(docs), f"pages in docs/ that the README does not link: {sorted(on_disk - set(docs))}"
-    with open(os.path.join(REPO, "README.md")) as f:
-        readme = f.read()
-    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme):
-        assert os.path.isfile(os.path.join(REPO, image)), f"README shows {image}, which is not in the repository"
+    for doc in docs:  # every image and every local link of every page points at a file that is there
+        with open(os.path.join(REPO, doc)) as f:
+            text = f.read()
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            path = os.path.normpath(os.path.join(REPO, os.path.dirname(doc), target))
+            if not target.startswith(("http://", "https://")) and os.path.relpath(path, REPO) not in OPTIONAL_DOCS:
+                assert os.path.exists(path), f"{doc} links {target}, which is not in the repository"
 
 
 # -----------------------------------------------------------------------------
