@@ -140,14 +140,14 @@ class Scratch:
 
 
 def save_gpt2_stand_in(hub_cache):
-    """A small random GPT-2 (GPT-2's vocabulary and positions, 2 layers of 32) where transformers looks for
-    the hub's "gpt2" when offline: HF_HOME/hub/models--gpt2/snapshots/<revision>, refs/main naming it."""
+    """A small random GPT-2 (GPT-2's vocabulary and positions, 2 layers of 32, 4 heads: --n_kv_head=4 divides them)
+    where transformers looks for the hub's "gpt2" when offline: HF_HOME/hub/models--gpt2/snapshots/<revision>, refs/main naming it."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
     revision = "0" * 40
     folder = os.path.join(hub_cache, "models--gpt2")
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32)).save_pretrained(os.path.join(folder, "snapshots", revision))
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=32)).save_pretrained(os.path.join(folder, "snapshots", revision))
     os.makedirs(os.path.join(folder, "refs"), exist_ok=True)
     with open(os.path.join(folder, "refs", "main"), "w") as f:
         f.write(revision)
@@ -206,7 +206,8 @@ def train_settings(scratch, args):
 
 def tiny_train_args(scratch, args, processes=1):
     """Overrides that make a train.py command a few steps of a tiny model, keeping what it is: the data set,
-    where it starts from (scratch, a checkpoint, GPT-2) and its mode (DDP, FSDP, eval_only)."""
+    where it starts from (scratch, a checkpoint, GPT-2) and its mode (DDP, FSDP, eval_only). The model shapes
+    follow from the command's settings alone, so a resume gets those its checkpoint was trained with."""
     s = train_settings(scratch, args)
     has_checkpoint = os.path.exists(os.path.join(scratch.repo, s["out_dir"], "ckpt.pt"))
     resumes = s["init_from"] == "resume" or (s["init_from"] == "auto" and has_checkpoint)
@@ -216,9 +217,7 @@ def tiny_train_args(scratch, args, processes=1):
     extra += [f"--max_iters={steps}", f"--lr_decay_iters={steps}", "--eval_interval=2"]
     if s["hellaswag_interval"]:
         extra += ["--hellaswag_interval=2", "--hellaswag_max_examples=4"]
-    if resumes:
-        return extra  # the architecture is the checkpoint's
-    if s["init_from"] == "scratch" or s["init_from"] == "auto":
+    if s["init_from"] in ("scratch", "auto", "resume"):  # a resume gets the shapes its checkpoint was trained with
         extra += TINY_MODEL
         if s["n_kv_head"] is not None:
             extra.append(f"--n_kv_head={min(s['n_kv_head'], 2)}")
