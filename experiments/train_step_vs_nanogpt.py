@@ -2,7 +2,7 @@
 The training step against nanoGPT's, on a CPU, with nanoGPT's documented CPU recipe (4 layers, 4 heads,
 128 wide, block 64, batch 12, fp32, no compile).
 
-1. Whole commands: nanoGPT's own train.py (experiments/nanogpt/, unmodified) and this repository's
+1. Whole commands: nanoGPT's own train.py (from a clone you make, --nanogpt_dir) and this repository's
    train.py, both with the recipe's flags, alternating, `repeats` times each: wall time of the command
    and the median time of a training step (steps 10.., evaluation steps left out).
 2. Where a step's time goes: both models in one process, the same weights and the same loop (nanoGPT's
@@ -10,9 +10,12 @@ The training step against nanoGPT's, on a CPU, with nanoGPT's documented CPU rec
    the median of each phase, then torch.profiler's operator table of our step. Variants of our step
    that change the optimizer or the precision are timed beside them.
 
-    python experiments/train_step_vs_nanogpt.py [--max_iters=2000] [--repeats=3] [--profile_steps=200] [--data_root=data]
+    git clone https://github.com/karpathy/nanoGPT ../nanoGPT
+    python experiments/train_step_vs_nanogpt.py --nanogpt_dir=../nanoGPT [--max_iters=2000] [--repeats=3]
+        [--profile_steps=200] [--data_root=data]
 
-Run from anywhere; it prepares data/shakespeare_char if needed. nanoGPT's GELU is the exact erf form,
+nanoGPT's files are never copied into this repository: they are read from the clone. Run from anywhere; it
+prepares data/shakespeare_char if needed. nanoGPT's GELU is the exact erf form,
 ours GPT-2's tanh approximation (what its checkpoints need): the one difference in the model's math.
 """
 
@@ -31,7 +34,6 @@ import numpy as np
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NANOGPT = os.path.join(REPO, "experiments", "nanogpt")
 sys.path.insert(0, REPO)
 
 from model import GPT, GPTConfig  # noqa: E402
@@ -41,13 +43,26 @@ RECIPE = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
           "--lr_decay_iters=2000", "--dropout=0.0"]
 
 
-def nanogpt_workdir(root, data_root):
-    """The folder nanoGPT's train.py expects as its working directory."""
+NANOGPT_FILES = ("train.py", "model.py", "configurator.py", os.path.join("config", "train_shakespeare_char.py"))
+
+
+def check_nanogpt_dir(path):
+    """The absolute path of a clone of karpathy/nanoGPT, or exit with one line saying how to make one."""
+    path = os.path.abspath(os.path.expanduser(path or ""))
+    if not all(os.path.isfile(os.path.join(path, name)) for name in NANOGPT_FILES):
+        sys.exit(f"error: --nanogpt_dir={path} is not a clone of karpathy/nanoGPT (it needs {', '.join(NANOGPT_FILES)}): "
+                 "make one with `git clone https://github.com/karpathy/nanoGPT` and pass its path")
+    return path
+
+
+
+def nanogpt_workdir(root, data_root, nanogpt_dir):
+    """The folder nanoGPT's train.py expects as its working directory (its files linked from the clone, never copied)."""
     data = os.path.join(root, "data", "shakespeare_char")
     os.makedirs(data, exist_ok=True)
     os.makedirs(os.path.join(root, "config"), exist_ok=True)
     for name in ("configurator.py", os.path.join("config", "train_shakespeare_char.py")):
-        os.symlink(os.path.join(NANOGPT, name), os.path.join(root, name))
+        os.symlink(os.path.join(nanogpt_dir, name), os.path.join(root, name))
     for split in ("train.bin", "val.bin"):
         os.symlink(os.path.join(data_root, "shakespeare_char", split), os.path.join(data, split))
     with open(os.path.join(data_root, "shakespeare_char", "meta.json")) as f:
@@ -74,17 +89,17 @@ def median_step_ms_ours(out_dir, eval_interval=250):
     return statistics.median(ms for i, ms in steps if i >= 10 and i % eval_interval != 0)
 
 
-def whole_commands(root, data_root, max_iters, repeats):
+def whole_commands(root, data_root, max_iters, repeats, nanogpt_dir):
     recipe = [a for a in RECIPE if not a.startswith("--max_iters")] + [f"--max_iters={max_iters}"]  # a shorter run for timing
     work = os.path.join(root, "nanogpt-work")
-    nanogpt_workdir(work, data_root)
+    nanogpt_workdir(work, data_root, nanogpt_dir)
     rows = {"nanoGPT": [], "ours": []}
     for r in range(repeats):
         for name in ("nanoGPT", "ours") if r % 2 == 0 else ("ours", "nanoGPT"):
             out_dir = os.path.join(root, f"{name}-{r}")
             log = out_dir + ".log"
             if name == "nanoGPT":
-                wall = time_command([sys.executable, os.path.join(NANOGPT, "train.py"), *recipe, f"--out_dir={out_dir}"], work, log)
+                wall = time_command([sys.executable, os.path.join(nanogpt_dir, "train.py"), *recipe, f"--out_dir={out_dir}"], work, log)
                 step = median_step_ms_nanogpt(log)
             else:
                 wall = time_command([sys.executable, "train.py", *recipe, f"--out_dir={out_dir}", f"--data_root={data_root}"], REPO, log)
@@ -98,15 +113,15 @@ def whole_commands(root, data_root, max_iters, repeats):
     print(f"ours / nanoGPT: wall {med['ours'][0] / med['nanoGPT'][0]:.2f}, step {med['ours'][1] / med['nanoGPT'][1]:.2f}\n", flush=True)
 
 
-def load_nanogpt_model_module():
-    spec = importlib.util.spec_from_file_location("nanogpt_model", os.path.join(NANOGPT, "model.py"))
+def load_nanogpt_model_module(nanogpt_dir):
+    spec = importlib.util.spec_from_file_location("nanogpt_model", os.path.join(nanogpt_dir, "model.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def step_profile(data_root, profile_steps):
-    nano = load_nanogpt_model_module()
+def step_profile(data_root, profile_steps, nanogpt_dir):
+    nano = load_nanogpt_model_module(nanogpt_dir)
     shape = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, dropout=0.0, bias=True)
     torch.manual_seed(1337)
     theirs = nano.GPT(nano.GPTConfig(**shape))
@@ -186,7 +201,7 @@ def step_profile(data_root, profile_steps):
 
 
 def main(argv):
-    max_iters, repeats, profile_steps, data_root, parts = 2000, 3, 200, os.path.join(REPO, "data"), "whole,profile"
+    max_iters, repeats, profile_steps, data_root, parts, nanogpt_dir = 2000, 3, 200, os.path.join(REPO, "data"), "whole,profile", None
     for arg in argv:
         key, value = arg.removeprefix("--").split("=", 1)
         if key == "max_iters":
@@ -199,17 +214,20 @@ def main(argv):
             data_root = os.path.abspath(value)
         elif key == "parts":
             parts = value
+        elif key == "nanogpt_dir":
+            nanogpt_dir = value
         else:
             sys.exit(f"unknown argument {arg}")
+    nanogpt_dir = check_nanogpt_dir(nanogpt_dir)
     if not os.path.exists(os.path.join(data_root, "shakespeare_char", "train.bin")):
         subprocess.run([sys.executable, "data/shakespeare_char/prepare.py"], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     print(f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}\n", flush=True)
     with tempfile.TemporaryDirectory() as root:
         if "whole" in parts:
-            whole_commands(root, data_root, max_iters, repeats)
+            whole_commands(root, data_root, max_iters, repeats, nanogpt_dir)
     if "profile" in parts:
-        step_profile(data_root, profile_steps)
+        step_profile(data_root, profile_steps, nanogpt_dir)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,19 @@ def data_root(tmp_path_factory):
     return str(root)
 
 
+def fresh_copy(dest):
+    """The files a clone would have: tracked, or new and not ignored (no data, outputs or caches)."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, timeout=60)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout: cannot tell which files a fresh copy has")
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        if os.path.isfile(os.path.join(REPO, name)):  # listed but deleted in the working tree: not there
+            os.makedirs(os.path.join(dest, os.path.dirname(name)), exist_ok=True)
+            shutil.copy(os.path.join(REPO, name), os.path.join(dest, name))
+    return dest
+
+
 def script_env(**extra):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=env_threads())
     env.pop("RANK", None)

@@ -28,8 +28,8 @@ def naive_attention(q, k, v, window=None):
     k = k.repeat_interleave(group, dim=1)  # query head h reads kv head h // group
     v = v.repeat_interleave(group, dim=1)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(D)
-    i = torch.arange(T)[:, None]
-    j = torch.arange(T)[None, :]
+    i = torch.arange(T, device=q.device)[:, None]
+    j = torch.arange(T, device=q.device)[None, :]
     allowed = j <= i
     if window is not None:
         allowed = allowed & (i - j < window)  # query i sees keys i-window+1 .. i
@@ -109,7 +109,7 @@ def test_model_matches_reference_forward(rope, n_kv_head, window, impl):
     model = tiny_model(rope=rope, n_kv_head=n_kv_head, window=window)
     model.set_attention_impl(impl)
     torch.manual_seed(1)
-    idx = torch.randint(0, 64, (2, 13))  # 13 >= 4 * 3: 'auto' takes the blocked kernel for window 3 on CPU
+    idx = torch.randint(0, 64, (2, 13))  # 'auto' picks dense SDPA at this length (test_auto_switch_at_its_threshold)
     ref = reference_forward(model, idx, rope, 4, n_kv_head or 4, per_layer(window, 2))
     assert ref.std() > 0.5
     torch.testing.assert_close(logits_of(model, idx), ref, atol=1e-5, rtol=0)
@@ -161,8 +161,8 @@ def forward_backward(fn, q, k, v, grad):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def assert_kernel_matches(fn, H, Hkv, T, window, backward=True):
-    q, k, v, grad = qkv(H, Hkv, T)
+def assert_kernel_matches(fn, H, Hkv, T, window, backward=True, device="cpu"):
+    q, k, v, grad = (t.to(device) for t in qkv(H, Hkv, T))
     if not backward:
         with torch.no_grad():
             torch.testing.assert_close(fn(q, k, v), naive_attention(q, k, v, window), atol=1e-5, rtol=0)
@@ -210,17 +210,31 @@ def test_flex_window_attention_forward_matches_naive(H, Hkv, T, window, block):
     assert_kernel_matches(lambda q, k, v: M.flex_window_attention(q, k, v, window), H, Hkv, T, window, backward=False)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no backward on a CPU in this torch: CUDA only")
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_window_attention_backward_matches_naive():
-    q, k, v, grad = qkv(4, 2, 37)
-    try:
-        forward_backward(lambda a, b, c: M.flex_window_attention(a, b, c, 5), q, k, v, grad)
-    except NotImplementedError as e:
-        # the one known gap: PyTorch's FlexAttention has no backward on CPU; any other failure fails
-        if q.device.type != "cpu" or "does not support backward on CPU" not in str(e):
-            raise
-        pytest.skip(f"FlexAttention backward is not implemented on CPU in this torch ({e})")
-    assert_kernel_matches(lambda a, b, c: M.flex_window_attention(a, b, c, 5), 4, 2, 37, 5)
+    """Forward and backward of the flex kernel against the naive reference, on the GPU (the CPU forward is
+    tested above; PyTorch implements no FlexAttention backward on a CPU)."""
+    assert_kernel_matches(lambda a, b, c: M.flex_window_attention(a, b, c, 5), 4, 2, 37, 5, device="cuda")
+
+
+@pytest.mark.parametrize("window", [16, 200])
+def test_auto_switch_at_its_threshold(window, monkeypatch):
+    """'auto' takes the blocked kernel from T = max(4 * window, 512) on, dense SDPA below it, and both agree
+    with the naive reference there."""
+    threshold = max(4 * window, 512)
+    taken = []
+    for name in ("blocked_local_attention", "dense_attention"):
+        real = getattr(M, name)
+        monkeypatch.setattr(M, name, lambda *a, real=real, name=name, **k: taken.append(name) or real(*a, **k))
+    for T, expected in ((threshold - 1, "dense_attention"), (threshold, "blocked_local_attention")):
+        q, k, v, _ = qkv(2, 1, T, D=4, B=1)
+        taken.clear()
+        with torch.no_grad():
+            out = M.causal_attention(q, k, v, window, impl="auto")
+        assert taken == [expected], (T, taken)
+        torch.testing.assert_close(out, naive_attention(q, k, v, window), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("T, window", [(70, 5), (37, 1), (37, 20), (12, 12), (12, 30), (50, None)])

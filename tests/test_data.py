@@ -212,3 +212,22 @@ def test_openwebtext_tokenize_and_write(tmp_path, openwebtext_prepare, num_proc,
         assert counts[split] == len(expected)
     assert set(counts) == {"train", "val"}
     assert max(expected) > 32767  # ids above int16's range survive (50256 here)
+
+
+def test_openwebtext_counts_its_documents(tmp_path, openwebtext_prepare, monkeypatch, capsys):
+    """A cut source is said in one line (a fake hub of 6 documents); the whole corpus's count says nothing."""
+    import datasets
+    texts = ["Hello world!", "The quick brown fox.", "naïve café", "a", "b", "last one"]
+    hub = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts})})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: hub)
+    monkeypatch.setattr(openwebtext_prepare, "VAL_FRACTION", 0.5)
+    monkeypatch.setattr(openwebtext_prepare, "num_proc", 1)
+    openwebtext_prepare.main(folder=str(tmp_path))
+    err = capsys.readouterr().err.strip().splitlines()
+    notes = [line for line in err if line.startswith("warning:")]
+    assert len(notes) == 1 and "6 documents" in notes[0] and "8,013,769" in notes[0] and "cut" in notes[0], err
+    enc = tiktoken.get_encoding("gpt2")
+    written = np.fromfile(tmp_path / "train.bin", dtype=np.uint16).tolist() + np.fromfile(tmp_path / "val.bin", dtype=np.uint16).tolist()
+    assert sorted(written) == sorted(t for text in texts for t in enc.encode_ordinary(text) + [50256])  # and it went on
+    assert openwebtext_prepare.source_note(8_013_769) is None
+    assert openwebtext_prepare.OPENWEBTEXT_DOCUMENTS == 8_013_769

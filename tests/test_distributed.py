@@ -5,6 +5,7 @@ single process training on the same global batches: losses, gradient norms and f
 
 import os
 import sys
+import json
 import subprocess
 
 import pytest
@@ -27,8 +28,41 @@ def torchrun(nproc, *args, timeout=240):
                            *args], cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=timeout)
 
 
+# train.py with the bytes of the gradients each process holds measured on the tensors themselves: when the
+# first step clips its gradients (after backward, before the update frees them), each rank writes the size of
+# its parameters' .grad (the local shard of a DTensor under FSDP) to out_dir/grad_bytes_rank<r>.json
+MEASURING_TRAIN = """
+import os, sys, json
+sys.path.insert(0, os.getcwd())
+import torch
+import train, common
+real_clip = torch.nn.utils.clip_grad_norm_
+def clip_grad_norm_(parameters, *args, **kwargs):
+    parameters = list(parameters)
+    out_dir = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--out_dir="))
+    path = os.path.join(out_dir, f"grad_bytes_rank{os.environ.get('RANK', '0')}.json")
+    if not os.path.exists(path):
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in parameters if p.grad is not None]
+        with open(path, "w") as f:
+            json.dump(dict(grad_bytes=sum(g.numel() * g.element_size() for g in grads), tensors=len(grads)), f)
+    return real_clip(parameters, *args, **kwargs)
+torch.nn.utils.clip_grad_norm_ = clip_grad_norm_
+sys.argv = ["train.py", *sys.argv[1:]]
+common.run_main(train.main)
+"""
+
+
+def grad_bytes(out_dir, rank):
+    with open(os.path.join(out_dir, f"grad_bytes_rank{rank}.json")) as f:
+        return json.load(f)
+
+
 def train(data_root, out_dir, nproc=1, *extra):
-    args = ["train.py", *TINY, f"--data_root={data_root}", f"--out_dir={out_dir}", *extra]
+    script = os.path.join(out_dir, "measuring_train.py")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(script, "w") as f:
+        f.write(MEASURING_TRAIN)
+    args = [script, *TINY, f"--data_root={data_root}", f"--out_dir={out_dir}", *extra]
     result = run_script(*args) if nproc == 1 else torchrun(nproc, *args)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -81,9 +115,17 @@ def test_two_ranks_match_one_process(data_root, single, tmp_path, mode):
     whole = next(r["state_mib_per_rank"] for r in read_metrics(single) if "state_mib_per_rank" in r)[0]
     assert len(state) == 2
     for rank in state:
-        for part in ("params", "grads", "optimizer"):
+        for part in ("params", "optimizer"):
             expected = whole[part] / 2 if mode == "fsdp" else whole[part]
             assert abs(rank[part] - expected) <= 0.02 * whole[part], (part, rank[part], whole[part])
+    # the gradients, measured on the .grad tensors each rank held after backward
+    whole_grads = grad_bytes(single, 0)
+    assert whole_grads["grad_bytes"] == whole["params"] * 2**20 and whole_grads["tensors"] > 0  # fp32: as the parameters
+    for rank in range(2):
+        held = grad_bytes(out, rank)
+        assert held["tensors"] == whole_grads["tensors"]
+        expected = whole_grads["grad_bytes"] / 2 if mode == "fsdp" else whole_grads["grad_bytes"]
+        assert abs(held["grad_bytes"] - expected) <= 0.02 * whole_grads["grad_bytes"], (rank, held, whole_grads)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

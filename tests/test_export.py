@@ -199,14 +199,39 @@ def test_bfloat16_export_is_the_rounded_model(tmp_path, chars):
     with open(tmp_path / "bf16" / "config.json") as f:
         assert json.load(f)["dtype"] == "bfloat16"
     with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 (safe_open is no dict) == {torch.bfloat16}
-    rounded = tiny_model(seed=5, vocab_size=65, rope=True, n_kv_head=2, window=8)
-    with torch.no_grad():
-        for p in rounded.parameters():
-            p.copy_(p.to(torch.bfloat16).float())
+        stored = {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    assert stored == {torch.bfloat16}
+    rounded = bf16_rounded(model)
     idx = sequences(65)
     torch.testing.assert_close(logits_of(load_hf(str(tmp_path / "bf16")), idx), logits_of(rounded, idx), atol=1e-4, rtol=0)
     assert (logits_of(rounded, idx) - logits_of(model, idx)).abs().max() > 1e-3  # rounding is visible: the test can fail
+    # read back by our own loader: the rounded weights, exactly
+    back = GPT.from_pretrained(str(tmp_path / "bf16")).eval()
+    for name, tensor in back.state_dict().items():
+        torch.testing.assert_close(tensor.float(), rounded.state_dict()[name], atol=0, rtol=0, msg=name)
+
+
+def bf16_rounded(model):
+    """A copy of model whose every weight is rounded to bfloat16 (kept in float32)."""
+    import copy
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    return rounded
+
+
+@pytest.mark.slow  # sample.py imports transformers: ~20 s on 2 busy cores
+def test_sample_from_bfloat16_export(tmp_path, chars):
+    """sample.py on a bf16 folder prints what the bf16-rounded model generates greedily."""
+    model = tiny_model(seed=12, vocab_size=65, rope=True, n_kv_head=2, window=8)
+    folder = str(tmp_path / "bf16")
+    export_hf.export(write_run(tmp_path / "run", model, chars), folder, dtype="bfloat16")
+    prompt, n_new = "ROMEO:\n", BLOCK - 7
+    stoi = {c: i for i, c in enumerate(chars)}
+    with torch.no_grad():
+        expected = bf16_rounded(model).generate(torch.tensor([[stoi[c] for c in prompt]]), n_new, temperature=0)
+    assert sample_greedy([f"--init_from={folder}"], prompt, n_new) == "".join(chars[i] for i in expected[0, len(prompt):].tolist())
 
 
 def test_destination_rules(tmp_path, chars):

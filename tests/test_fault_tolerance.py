@@ -210,6 +210,7 @@ def test_two_nodes_under_fsdp_train_like_one_process(data_root, one_process, tmp
     for step in la:  # gradients are summed in another order across processes: equal up to roundoff
         assert abs(la[step] - lb[step]) <= 1e-5, (step, la[step], lb[step])
     a, b = weights(node0), weights(one_process)
+    assert a.keys() == b.keys()  # every tensor of both, not node 0's alone
     for name in a:
         assert (a[name] - b[name]).abs().max().item() <= 1e-5, name
 
@@ -226,5 +227,6 @@ def test_resume_when_only_rank_0s_node_has_the_checkpoint(data_root, one_process
     for step in la:
         assert abs(la[step] - lb[step]) <= 1e-5, (step, la[step], lb[step])
     a, b = weights(node0), weights(one_process)
+    assert a.keys() == b.keys()  # every tensor of both, not node 0's alone
     for name in a:
         assert (a[name] - b[name]).abs().max().item() <= 1e-5, name

@@ -17,7 +17,8 @@ from conftest import REPO
 
 datasets = pytest.importorskip("datasets")
 
-N_DOCS = 230  # documents 0, 100 and 200 are the validation documents
+N_DOCS = 230
+VAL_TOKENS = 500  # the first 500 tokens of the stream are validation: the boundary falls inside a document
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +41,12 @@ def documents(n=N_DOCS, prefix="Document"):
     return docs
 
 
-def expected_bins(docs):
-    """The token streams, written independently: tiktoken on each document, then the 1-in-100 rule."""
+def expected_bins(docs, val_tokens=VAL_TOKENS):
+    """The token streams, written independently: tiktoken on each document in order, one stream cut after
+    its first val_tokens tokens (llm.c's and build-nanogpt's split: their first shard is validation)."""
     enc = tiktoken.get_encoding("gpt2")
-    out = {"train": [], "val": []}
-    for i, text in enumerate(docs):
-        out["val" if i % 100 == 0 else "train"] += enc.encode_ordinary(text) + [enc.eot_token]
-    return out
+    stream = [t for text in docs for t in enc.encode_ordinary(text) + [enc.eot_token]]
+    return {"train": stream[val_tokens:], "val": stream[:val_tokens]}
 
 
 def read_bins(folder):
@@ -61,9 +61,12 @@ def as_dataset(docs):
 @pytest.mark.parametrize("num_proc, docs_per_chunk", [(1, 64), (2, 37), (1, 10_000)])
 def test_tokenize_and_write_matches_tiktoken(tmp_path, fineweb, num_proc, docs_per_chunk):
     docs = documents()
-    counts = fineweb.tokenize_and_write(as_dataset(docs), str(tmp_path), num_proc=num_proc, docs_per_chunk=docs_per_chunk)
+    counts = fineweb.tokenize_and_write(as_dataset(docs), str(tmp_path), num_proc=num_proc, docs_per_chunk=docs_per_chunk,
+                                        val_tokens=VAL_TOKENS)
     expected = expected_bins(docs)
     assert read_bins(tmp_path) == expected
+    enc = tiktoken.get_encoding("gpt2")
+    assert expected["val"][-1] != enc.eot_token  # the boundary cuts a document, as the test means it to
     assert counts == {split: len(ids) for split, ids in expected.items()}
     assert max(expected["train"]) == 50256 and len(expected["val"]) > 0
     with open(tmp_path / "progress_train_val.json") as f:
@@ -73,9 +76,13 @@ def test_tokenize_and_write_matches_tiktoken(tmp_path, fineweb, num_proc, docs_p
 
 def test_continues_after_an_interruption(tmp_path, fineweb, monkeypatch, capsys):
     docs, chunk = documents(), 40
+    # the validation boundary falls inside the third chunk, the one the interruption hits
+    enc = tiktoken.get_encoding("gpt2")
+    val_tokens = sum(len(enc.encode_ordinary(text)) + 1 for text in docs[:2 * chunk + 5]) + 3
     reference = tmp_path / "reference"
     reference.mkdir()
-    fineweb.tokenize_and_write(as_dataset(docs), str(reference), num_proc=1, docs_per_chunk=chunk)
+    fineweb.tokenize_and_write(as_dataset(docs), str(reference), num_proc=1, docs_per_chunk=chunk, val_tokens=val_tokens)
+    assert read_bins(reference) == expected_bins(docs, val_tokens)
 
     # stop while recording the third chunk: its tokens are in the bins, but no record counts them
     out = tmp_path / "out"
@@ -89,7 +96,7 @@ def test_continues_after_an_interruption(tmp_path, fineweb, monkeypatch, capsys)
         real_write_progress(path, state)
     monkeypatch.setattr(fineweb, "write_progress", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        fineweb.tokenize_and_write(as_dataset(docs), str(out), num_proc=2, docs_per_chunk=chunk)
+        fineweb.tokenize_and_write(as_dataset(docs), str(out), num_proc=2, docs_per_chunk=chunk, val_tokens=val_tokens)
     monkeypatch.setattr(fineweb, "write_progress", real_write_progress)
     with open(out / "progress_train_val.json") as f:
         state = json.load(f)
@@ -100,13 +107,13 @@ def test_continues_after_an_interruption(tmp_path, fineweb, monkeypatch, capsys)
     # unrecorded chunk is cut off and written again, and the bins equal the uninterrupted run's
     changed = ["something else entirely"] * (2 * chunk) + docs[2 * chunk:]
     capsys.readouterr()
-    fineweb.tokenize_and_write(as_dataset(changed), str(out), num_proc=1, docs_per_chunk=chunk)
+    fineweb.tokenize_and_write(as_dataset(changed), str(out), num_proc=1, docs_per_chunk=chunk, val_tokens=val_tokens)
     assert "continuing at document 80 of 230" in capsys.readouterr().out
     for split in ("train", "val"):
         assert (out / f"{split}.bin").read_bytes() == (reference / f"{split}.bin").read_bytes()
 
     # a third run finds it complete and leaves it alone
-    fineweb.tokenize_and_write(as_dataset(changed), str(out), num_proc=1, docs_per_chunk=chunk)
+    fineweb.tokenize_and_write(as_dataset(changed), str(out), num_proc=1, docs_per_chunk=chunk, val_tokens=val_tokens)
     assert "already complete" in capsys.readouterr().out
     assert (out / "train.bin").read_bytes() == (reference / "train.bin").read_bytes()
 
@@ -153,9 +160,10 @@ def test_main_full_subset(tmp_path, fineweb, fake_hub, capsys):
     docs, asked = fake_hub
     out = tmp_path / "out"
     out.mkdir()
-    fineweb.main(["--num_proc=2"], folder=str(out))
+    fineweb.main(["--num_proc=2", f"--val_tokens={VAL_TOKENS}"], folder=str(out))
     assert asked == [dict(path="HuggingFaceFW/fineweb-edu", name="sample-10BT", split="train", streaming=False)]
     assert read_bins(out) == expected_bins(docs)
+    assert fineweb.VAL_TOKENS == 100_000_000  # without --val_tokens: llm.c's and build-nanogpt's first shard
     assert f"({N_DOCS} documents)" in capsys.readouterr().out
 
 
@@ -165,7 +173,7 @@ def test_main_num_docs_streams_the_first_documents(tmp_path, fineweb, fake_hub):
     out.mkdir()
     fineweb.main(["--num_docs=150", "--num_proc=1"], folder=str(out))
     assert asked[0]["streaming"] is True
-    assert read_bins(out) == expected_bins(docs[:150])
+    assert read_bins(out) == expected_bins(docs[:150], val_tokens=10 * 150)  # ~1% of the tokens, as 100M is of 10B
     with pytest.raises(SystemExit) as info:  # the small version is not continued into the full one
         fineweb.main(["--num_proc=1"], folder=str(out))
     assert "other settings" in str(info.value.code)
@@ -186,11 +194,11 @@ def test_main_offline_is_one_line(tmp_path, fineweb, monkeypatch, argv):
     assert os.listdir(out) == []
 
 
-@pytest.mark.parametrize("argv", [["--num_docs=0"], ["--num_proc=0"]])
+@pytest.mark.parametrize("argv", [["--num_docs=0"], ["--num_proc=0"], ["--val_tokens=0"]])
 def test_main_rejects_bad_settings(tmp_path, fineweb, argv):
     with pytest.raises(SystemExit) as info:
         fineweb.main(argv, folder=str(tmp_path))
-    assert str(info.value.code).startswith("error: --num_")
+    assert str(info.value.code).startswith(f"error: {argv[0].split('=')[0]} must be >= 1")
     assert os.listdir(tmp_path) == []
 
 

@@ -147,6 +147,38 @@ def single_run(tiny):
 # -----------------------------------------------------------------------------
 # scores against the reference
 
+def test_scoring_pinned_by_hand():
+    """The published scoring (build-nanogpt's hellaswag.py, llm.c's dev/data/hellaswag.py: completion style,
+    context + " " + ending, cross-entropy over the ending's tokens only, acc = lowest summed loss, acc_norm =
+    lowest mean loss), which gives OpenAI's GPT-2 124M acc 0.2859 and acc_norm 0.2955 on the 10,042 validation
+    examples (build-nanogpt's figures), checked on numbers worked out by hand rather than by a second
+    implementation. The model is a unigram: every position predicts token t with probability 2**-(t+1) for
+    the digits 0-6 and 2**-7 for the space, so a token costs (t+1)*ln 2 (a space 7*ln 2) whatever came before.
+    Ending A is " 0000000000": 7 + 10 = 17 (11 tokens, mean 1.55); B " 2": 7 + 3 = 10 (2, mean 5);
+    C " 33": 7 + 4 + 4 = 15 (3, mean 5); D " 1111": 7 + 4 * 2 = 15 (5, mean 3), in units of ln 2. So the
+    summed loss picks B and the mean picks A; the context's own tokens ("6666") never count."""
+    vocab = "0123456" + " "
+    log_p = torch.log(torch.tensor([2.0 ** -(t + 1) for t in range(7)] + [2.0 ** -7]))
+    assert math.isclose(log_p.exp().sum().item(), 1.0, rel_tol=1e-6)
+
+    class Unigram(torch.nn.Module):
+        config = type("Config", (), {"block_size": 64})
+
+        def forward(self, idx):
+            return log_p.expand(*idx.shape, len(vocab)).clone(), None
+
+    endings = ["0000000000", "2", "33", "1111"]
+    examples = [dict(ctx="6666", endings=endings, label=1), dict(ctx="6666", endings=endings, label=0)]
+    result = eval_hellaswag.evaluate_hellaswag(Unigram(), examples, "cpu", torch.autocast("cpu", enabled=False),
+                                               lambda text: [vocab.index(c) for c in text])
+    ln2 = math.log(2)
+    for sums, counts in zip(result["sum_loss"], result["n_tokens"]):
+        assert sums == pytest.approx([17 * ln2, 10 * ln2, 15 * ln2, 15 * ln2], rel=1e-5)
+        assert counts == [11, 2, 3, 5]
+    assert result["pred"] == [1, 1] and result["pred_norm"] == [0, 0]
+    assert (result["acc"], result["acc_norm"]) == (0.5, 0.5)
+
+
 def test_the_examples_exercise_truncation_and_differences(tiny):
     enc = tiktoken.get_encoding("gpt2")
     assert len(enc.encode(EXAMPLES[4]["ctx"])) > N_POSITIONS  # the long context really is cut

@@ -10,6 +10,8 @@ import time
 import signal
 import random
 import hashlib
+import threading
+import contextlib
 import subprocess
 
 import numpy as np
@@ -17,6 +19,23 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_TRAIN_ARGS, assert_user_error, read_metrics, run_script, script_env
+
+
+PROCESS_TIMEOUT = 240  # seconds a child may run before the test kills it and fails
+
+
+@contextlib.contextmanager
+def watchdog(proc, seconds=PROCESS_TIMEOUT):
+    """Kills proc if it is still running after `seconds`, so that a hung child fails the test instead of
+    hanging the suite (reading its output line by line has no timeout of its own)."""
+    expired = []
+    timer = threading.Timer(seconds, lambda: (expired.append(True), proc.kill()))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+    assert not expired, f"{proc.args} ran longer than {seconds} s and was killed"
 
 
 def train_args(data_root, out_dir, *extra):
@@ -86,15 +105,16 @@ def test_sigkill_at_random_moments_then_resume(data_root, reference, tmp_path):
         # kill after a random number of logged steps plus a random few milliseconds: mid-step, mid-eval
         # or mid-checkpoint; the timing follows the run's progress, not the machine's speed
         target, seen = rng.randint(3, 9), 0
-        for line in proc.stdout:
-            seen += line.startswith("iter ")
-            if seen == target:
-                time.sleep(rng.uniform(0.0, 0.03))
-                proc.send_signal(signal.SIGKILL)
-                kills += 1
-                break
-        proc.stdout.close()
-        proc.wait()
+        with watchdog(proc):
+            for line in proc.stdout:
+                seen += line.startswith("iter ")
+                if seen == target:
+                    time.sleep(rng.uniform(0.0, 0.03))
+                    proc.send_signal(signal.SIGKILL)
+                    kills += 1
+                    break
+            proc.stdout.close()
+            proc.wait(timeout=PROCESS_TIMEOUT)
         if os.path.exists(os.path.join(out, "ckpt.pt")):  # never a torn file, whenever the kill came
             assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["iter_num"] % 4 == 0
         if proc.returncode == 0:
@@ -105,31 +125,67 @@ def test_sigkill_at_random_moments_then_resume(data_root, reference, tmp_path):
     assert_same_weights(weights(out), weights(reference))
 
 
+# Writes checkpoints 1, 2, 3 with common.save_checkpoint and stops dead inside the write of `stall_at`, at a
+# chosen point: after part of torch.save's bytes ("bytes"), or with the file written and synced but not yet
+# renamed into place ("rename"). It says so on stdout, and waits there to be killed.
 CHILD_WRITER = r"""
-import sys, torch
+import os, sys, time, torch
 sys.path.insert(0, {repo!r})
-from common import save_checkpoint
-i = 0
-while True:
-    i += 1
-    save_checkpoint(dict(version=i, data=torch.full((2_000_000,), float(i))), {path!r})
-    print(i, flush=True)
+import common
+version = 0
+
+def stall(where):
+    print("stalled " + where, flush=True)
+    time.sleep(3600)
+
+class StallingFile:
+    def __init__(self, f):
+        self.f, self.written = f, 0
+    def write(self, data):
+        n = self.f.write(data)
+        self.written += len(data)
+        if version == {stall_at} and {where!r} == "bytes" and self.written > 4_000_000:
+            self.f.flush()
+            stall("bytes")
+        return n
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        return self.f.__exit__(*exc)
+
+real_open, real_replace = open, os.replace
+def opening(path, mode="r", *a, **k):
+    f = real_open(path, mode, *a, **k)
+    return StallingFile(f) if "w" in mode else f
+common.open = opening
+def replace(src, dst):
+    if version == {stall_at} and {where!r} == "rename":
+        stall("rename")
+    real_replace(src, dst)
+common.os.replace = replace
+for version in range(1, {stall_at} + 1):
+    common.save_checkpoint(dict(version=version, data=torch.full((2_000_000,), float(version))), {path!r})
+    print(version, flush=True)
 """
 
 
-@pytest.mark.slow  # kills a writer process 15 times mid-write (~20 s)
-def test_sigkill_during_checkpoint_write_never_tears_the_file(tmp_path):
+@pytest.mark.parametrize("where", ["bytes", "rename"])
+def test_sigkill_during_checkpoint_write_never_tears_the_file(tmp_path, where):
+    """A kill inside a checkpoint write, at a point the child reports (not a random moment), leaves the previous
+    checkpoint whole."""
     path = str(tmp_path / "ckpt.pt")
-    code = CHILD_WRITER.format(repo=REPO, path=path)
-    rng = random.Random(1)
-    for _ in range(15):
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=script_env())
-        proc.stdout.readline()  # at least one complete checkpoint exists
-        time.sleep(rng.uniform(0.0, 0.3))  # then kill somewhere in a later write (each takes ~50 ms)
+    proc = subprocess.Popen([sys.executable, "-c", CHILD_WRITER.format(repo=REPO, path=path, stall_at=3, where=where)],
+                            stdout=subprocess.PIPE, text=True, env=script_env())
+    with watchdog(proc, 120):
+        lines = [proc.stdout.readline().strip() for _ in range(3)]
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        checkpoint = torch.load(path, weights_only=True)
-        assert torch.all(checkpoint["data"] == float(checkpoint["version"]))
+        proc.wait(timeout=60)
+    assert lines == ["1", "2", f"stalled {where}"], lines
+    assert os.path.getsize(path + ".tmp") > 4_000_000  # the new checkpoint was being written
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["version"] == 2 and torch.all(checkpoint["data"] == 2.0)
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes_exactly(data_root, reference, tmp_path):
@@ -138,11 +194,12 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(data_root, reference, t
     # SIGTERM once step 9 is logged: the run stops at the next step boundary, between two checkpoints
     proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=script_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("iter 9:"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    stdout, stderr = proc.communicate(timeout=60)
+    with watchdog(proc):
+        for line in proc.stdout:
+            if line.startswith("iter 9:"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
     assert "SIGTERM" in stderr and "--init_from=resume" in stdout
     stopped_at = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["iter_num"]

@@ -91,10 +91,17 @@ def test_greedy_decode_is_argmax_of_the_full_forward(overrides, beyond, batch):
     out = model.generate(idx, 40, temperature=0, beyond_block_size=beyond)  # 46 > block_size 32
     assert torch.equal(out[:, :6], idx)
     with torch.no_grad():
+        start = None  # learned positions: the context starts here, at position 0
         for n in range(6, 46):
-            context = out[:, :n] if beyond else out[:, max(0, n - 32):n]
-            if not beyond and n > 32:
-                break  # past block_size learned positions slide by half a block: checked in test_generation.py
+            if beyond:
+                context = out[:, :n]
+            else:  # the reference slide: the first context is the last block_size tokens; when the tokens
+                # before the newest one fill the block, the context starts afresh from the last half block
+                if start is None:
+                    start = max(0, n - 32)
+                elif n - 1 - start >= 32:
+                    start = n - 32 // 2
+                context = out[:, start:n]
             expected = model(context)[0][:, -1].argmax(-1)
             assert torch.equal(out[:, n], expected), f"token {n}"
 
@@ -131,6 +138,34 @@ def test_decode_layout_is_restored(batch):
         assert torch.equal(after[name][0], value) and after[name][1] == contiguous, name
     model.generate(idx, 10, temperature=0)
     assert all(p.is_contiguous() for p in model.parameters())
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decode_layout_tokens_equal_the_plain_layout(batch, monkeypatch):
+    """generate_stream with its weights re-laid (in, out) picks, greedily and sampled, exactly the tokens the
+    same cached decoding picks with nn.Linear's own layout (the re-laying switched off)."""
+    import copy
+    model = tiny_model()
+    plain = copy.deepcopy(model)  # a model that has never decoded: nothing re-laid can have leaked into it
+    idx = torch.randint(0, 64, (batch, 5), generator=torch.Generator().manual_seed(6))
+
+    def decode(m):
+        return [torch.cat(list(m.generate_stream(idx, 25, temperature=temperature, generator=torch.Generator().manual_seed(7))),
+                          dim=1) for temperature in (0, 1.0)]
+
+    seen = []
+    real_layout = type(model)._decode_layout
+
+    def recording_layout(self, batch_size):
+        params = real_layout(self, batch_size) if self is model else []  # the plain copy keeps nn.Linear's layout
+        seen.append((self is model, len(params)))
+        return params
+    monkeypatch.setattr(type(model), "_decode_layout", recording_layout)
+    relaid_tokens, plain_tokens = decode(model), decode(plain)
+    assert seen == [(True, seen[0][1])] * 2 + [(False, 0)] * 2 and seen[0][1] >= 1  # re-laid in the first decodes only
+    for a, b in zip(relaid_tokens, plain_tokens):
+        assert torch.equal(a, b)
+    assert len(set(relaid_tokens[1][0].tolist())) >= 4  # sampled, varied tokens: a wrong layout would show
 
 
 def test_decode_layout_gives_the_same_tokens():

@@ -12,10 +12,10 @@ cache and bins). With --num_docs it streams only the first N documents instead.
 
 - Tokens: tiktoken's GPT-2 encoding in a pool of --num_proc processes; every document is followed by
   <|endoftext|> (50256), the separator GPT-2 was trained with.
-- Validation: every 100th document in the data set's own order (documents 0, 100, 200, ...), ~1% of
-  the tokens (~100M of 10B). A fixed rule, so every run and every machine holds out the same
-  documents, and they are spread over the whole corpus rather than one stretch of its files (which
-  are ordered by crawl). With --num_docs=N it is the same rule on the first N documents.
+- Validation: the first 100,000,000 tokens of the stream (the documents in the data set's own order,
+  the one that straddles the boundary cut there), the rest is training: llm.c's and build-nanogpt's
+  split (their first 100M-token shard is validation), so validation losses compare with theirs. With
+  --num_docs=N the validation part is the first 10*N tokens (~1%, as 100M is of 10B); --val_tokens sets it.
 - Memory: the documents are read, tokenised and appended to the bins a chunk at a time.
 - Interrupted (Ctrl-C, a crash, a lost machine)? Run the same command again: after each chunk the
   bins are flushed to disk and progress_train_val.json records how far they got, so a new run
@@ -37,14 +37,11 @@ import tiktoken
 from tqdm import tqdm
 
 DATASET, SUBSET = "HuggingFaceFW/fineweb-edu", "sample-10BT"
-VAL_EVERY = 100  # document i is a validation document when i % VAL_EVERY == 0
+VAL_TOKENS = 100_000_000  # llm.c and build-nanogpt: shard 0 of 1e8 tokens is validation
+VAL_TOKENS_PER_DOC = 10  # with --num_docs=N: the first 10*N tokens (~1%: FineWeb-Edu's documents average ~1,000 tokens)
 NUM_PROC = max(1, (os.cpu_count() or 2) // 2)
 DOCS_PER_CHUNK = 20_000  # ~20M tokens, ~100 MB of text: what a restart may redo, and what is held in memory
 FOLDER = os.path.dirname(os.path.abspath(__file__))
-
-
-def fineweb_split(index: int) -> str:
-    return "val" if index % VAL_EVERY == 0 else "train"
 
 
 # -----------------------------------------------------------------------------
@@ -101,11 +98,12 @@ def write_progress(path, state):
     os.replace(tmp, path)
 
 
-def tokenize_and_write(dataset, folder, split_of=fineweb_split, splits=("train", "val"), num_proc=NUM_PROC,
-                       docs_per_chunk=DOCS_PER_CHUNK, settings=None, text_column="text") -> dict[str, int]:
+def tokenize_and_write(dataset, folder, split_of=None, splits=("train", "val"), num_proc=NUM_PROC,
+                       docs_per_chunk=DOCS_PER_CHUNK, settings=None, text_column="text", val_tokens=VAL_TOKENS) -> dict[str, int]:
     """
-    Tokenises the documents of `dataset` (a datasets.Dataset) in order and appends document i to
-    folder/<split_of(i)>.bin, for split_of(i) in `splits`. Chunk by chunk: read docs_per_chunk
+    Tokenises the documents of `dataset` (a datasets.Dataset) in order and appends them to folder/<split>.bin:
+    with split_of, document i to split_of(i)'s bin (one of `splits`); without it, the first val_tokens
+    tokens of the stream to val.bin and the rest to train.bin (a document at the boundary is cut). Chunk by chunk: read docs_per_chunk
     documents, tokenise them with num_proc processes, append, flush to disk, record the progress in
     progress_<splits>.json; a later call with the same settings continues from the last record.
     `settings` (JSON values) describe what is being written, so that a run never continues another's.
@@ -139,8 +137,15 @@ def tokenize_and_write(dataset, folder, split_of=fineweb_split, splits=("train",
             texts = dataset[start:stop][text_column]
             encoded = pool.imap(encode_document, texts, chunksize=16) if pool else map(encode_document, texts)
             parts = {split: [] for split in splits}
+            val_room = None if split_of else val_tokens - tokens["val"]  # validation tokens still to write
             for index, ids in enumerate(encoded, start):
-                parts[split_of(index)].append(ids)
+                if split_of:
+                    parts[split_of(index)].append(ids)
+                else:
+                    head = ids[:max(val_room, 0)]
+                    val_room -= len(head)
+                    parts["val"].append(head)
+                    parts["train"].append(ids[len(head):])
                 bar.update(1)
             for split, arrays in parts.items():
                 if arrays:
@@ -198,14 +203,20 @@ def main(argv=None, folder=FOLDER):
     parser.add_argument("--num_docs", type=int, default=None,
                         help="only the first N documents (streamed): a small version; default: all 9.67M")
     parser.add_argument("--num_proc", type=int, default=NUM_PROC, help=f"tokenising processes (default {NUM_PROC})")
+    parser.add_argument("--val_tokens", type=int, default=None,
+                        help=f"validation: the first N tokens of the stream (default {VAL_TOKENS:,}, llm.c's and build-nanogpt's "
+                             f"first shard; with --num_docs, {VAL_TOKENS_PER_DOC} per document)")
     args = parser.parse_args(argv)
     if args.num_docs is not None and args.num_docs < 1:
         sys.exit(f"error: --num_docs must be >= 1, got {args.num_docs}")
     if args.num_proc < 1:
         sys.exit(f"error: --num_proc must be >= 1, got {args.num_proc}")
+    if args.val_tokens is not None and args.val_tokens < 1:
+        sys.exit(f"error: --val_tokens must be >= 1, got {args.val_tokens}")
+    val_tokens = args.val_tokens or (VAL_TOKENS if args.num_docs is None else VAL_TOKENS_PER_DOC * args.num_docs)
     dataset = load_fineweb(args.num_docs, args.num_proc)
-    settings = dict(dataset=DATASET, subset=SUBSET, num_docs=args.num_docs, val_every=VAL_EVERY)
-    counts = tokenize_and_write(dataset, folder, num_proc=args.num_proc, settings=settings)
+    settings = dict(dataset=DATASET, subset=SUBSET, num_docs=args.num_docs, val_tokens=val_tokens)
+    counts = tokenize_and_write(dataset, folder, num_proc=args.num_proc, settings=settings, val_tokens=val_tokens)
     print(", ".join(f"{split}: {n:,} tokens" for split, n in counts.items()) + f" ({len(dataset):,} documents)")
 
 

@@ -6,6 +6,9 @@ Recent `datasets` releases no longer run dataset loading scripts, which broke na
 this file; this one loads a parquet-backed copy of the same corpus. The tokens are written by
 FineWeb-Edu's tokenize_and_write (data/fineweb_edu/prepare.py): a chunk at a time, so memory stays
 small, and an interrupted run continues where it stopped when started again.
+
+Parquet conversions of script-based datasets can be partial, so the documents loaded are counted against
+OpenWebText's 8,013,769: a source that was cut is said in one line before any token is written.
 """
 
 import os
@@ -19,6 +22,16 @@ from fineweb_edu.prepare import tokenize_and_write as write_bins, NUM_PROC
 PARQUET_DATASET = "Skylion007/openwebtext"  # the parquet conversion lives under refs/convert/parquet
 num_proc = NUM_PROC
 VAL_FRACTION, SPLIT_SEED = 0.0005, 2357
+OPENWEBTEXT_DOCUMENTS = 8_013_769  # the corpus as its loading script builds it (nanoGPT's prepare.py reads it so)
+
+
+def source_note(n_docs, expected=OPENWEBTEXT_DOCUMENTS):
+    """One line when the source does not hold the whole corpus, else None."""
+    if n_docs == expected:
+        return None
+    return (f"warning: {PARQUET_DATASET} (parquet) has {n_docs:,} documents, OpenWebText has {expected:,}: "
+            f"the source is {'cut' if n_docs < expected else 'larger'} ({n_docs / expected:.1%} of it), "
+            "so token counts and losses will not match runs on the full corpus")
 
 
 def tokenize_and_write(split_dataset, folder, num_proc=num_proc, n_shards=1024, settings=None):
@@ -45,6 +58,9 @@ def main(folder=os.path.dirname(os.path.abspath(__file__))):
     except OSError as e:  # no network (ConnectionError), the hub unreachable, a full disk
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         sys.exit(f"error: could not load {PARQUET_DATASET}: {reason[:300]}")
+    note = source_note(len(dataset["train"]))
+    if note:
+        print(note, file=sys.stderr, flush=True)
     split_dataset = dataset["train"].train_test_split(test_size=VAL_FRACTION, seed=SPLIT_SEED, shuffle=True)
     split_dataset["val"] = split_dataset.pop("test")
     settings = dict(dataset=PARQUET_DATASET, val_fraction=VAL_FRACTION, split_seed=SPLIT_SEED)
