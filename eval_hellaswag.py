@@ -31,10 +31,11 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from configurator import apply_overrides
-from common import UserError, run_main, pick_device, pick_dtype, autocast_context, load_model, get_tokenizer
+from common import UserError, run_main, pick_device, pick_dtype, autocast_context, load_model, describe_trained, get_tokenizer
 
 # -----------------------------------------------------------------------------
 init_from = "resume"  # 'resume' (from out_dir) | 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' | a local HF directory
+checkpoint = "auto"  # with resume: 'auto' (best.pt when present, else ckpt.pt) | 'best' (best.pt) | 'last' (ckpt.pt)
 out_dir = "out"
 data_path = os.path.join("data", "hellaswag", "hellaswag_val.jsonl")
 max_examples = 0  # 0: all of them; N: the first N examples of the file
@@ -186,7 +187,9 @@ def main():
     examples = load_hellaswag(data_path)
     if max_examples:
         examples = examples[:max_examples]
-    loaded = load_model(init_from, out_dir, overrides=dict(dropout=0.0))
+    loaded = load_model(init_from, out_dir, overrides=dict(dropout=0.0), which=checkpoint)
+    if loaded.path is not None and rank == 0:
+        print(describe_trained(loaded))
     if loaded.chars is not None:
         raise UserError(f"{init_from} is a character-level model; HellaSwag is English text scored in GPT-2 BPE tokens")
     encode = get_tokenizer().encode

@@ -44,10 +44,14 @@ eval_interval = 2000
 log_interval = 1
 eval_iters = 200
 eval_only = False  # evaluate once and exit
-always_save_checkpoint = True  # save at every eval, not only when val loss improves
-# 'scratch' | 'resume' (out_dir/ckpt.pt must exist) | 'auto' (resume when out_dir/ckpt.pt exists, else scratch:
-# the setting for long runs, torchrun restarts and SLURM requeues) | 'gpt2' ... 'gpt2-xl' | a local HF folder
+# Every evaluation writes out_dir/ckpt.pt, the state to continue from (so a crash loses at most the steps since
+# the last evaluation, a stop request none), and out_dir/best.pt, the weights alone, when the validation loss
+# improves on every earlier one; nothing ever replaces a better-validated best.pt.
+# init_from: 'scratch' | 'resume' (out_dir/ckpt.pt must exist) | 'auto' (resume when out_dir/ckpt.pt exists, else
+# start from auto_from: one command for the first launch and every relaunch) | 'gpt2' ... 'gpt2-xl' | a local HF
+# folder. A torchrun restart or a SLURM requeue of a run, whatever it started from, resumes from out_dir/ckpt.pt.
 init_from = "scratch"
+auto_from = "scratch"  # what init_from='auto' starts from when out_dir holds no checkpoint: 'scratch', a GPT-2 name or a HF folder
 # logging
 wandb_log = False
 wandb_project = "owt"
@@ -138,6 +142,9 @@ def validate_settings(settings):
     sources = ("scratch", "resume", "auto", *GPT2_NAMES)
     if settings.init_from not in sources and not os.path.isdir(settings.init_from):
         raise UserError(f"unknown init_from {settings.init_from!r}; use {', '.join(sources)} or a local folder in the Hugging Face format")
+    if settings.auto_from not in ("scratch", *GPT2_NAMES) and not os.path.isdir(settings.auto_from):
+        raise UserError(f"unknown auto_from {settings.auto_from!r} (what init_from=auto starts a new run from); "
+                        f"use scratch, {', '.join(GPT2_NAMES)} or a local folder in the Hugging Face format")
     if settings.hellaswag_interval:
         need(settings.hellaswag_interval >= 0, "hellaswag_interval", "use an integer >= 0 (0 is off)")
         need(settings.hellaswag_max_examples >= 0, "hellaswag_max_examples", "use an integer >= 0 (0: all of them)")
@@ -271,12 +278,17 @@ def init_process_group(processes, device_type):
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size)
 
 
+STOPPED_EXIT = 75  # EX_TEMPFAIL, "try again later": stopped on request with a checkpoint to resume from (0: finished, 1: an error)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
+
+
 class StopRequest:
     """
-    SIGTERM/SIGINT ask for a checkpoint at the next step boundary. Run alone, a second signal exits at once.
-    Under torchrun a second one is the same request arriving again (scancel or Ctrl-C reach every worker
-    directly and again through the agent), so it is not taken for "exit now": torchrun kills what is still
-    running after its grace period anyway.
+    SIGTERM, SIGINT and SIGUSR1 (SLURM's --signal=USR1@N) ask for a checkpoint at the next safe point: a step
+    boundary, between evaluation or HellaSwag batches, or right after a checkpoint being written. Run alone,
+    a second signal exits at once. Under torchrun a second one is the same request arriving again (scancel
+    or Ctrl-C reach every worker directly and again through the agent), so it is not taken for "exit now":
+    torchrun kills what is still running after its grace period anyway.
     """
     requested = False
     under_torchrun = False
@@ -284,8 +296,8 @@ class StopRequest:
     @classmethod
     def install(cls, under_torchrun):
         cls.requested, cls.under_torchrun = False, under_torchrun
-        signal.signal(signal.SIGTERM, cls.handle)
-        signal.signal(signal.SIGINT, cls.handle)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, cls.handle)
 
     @classmethod
     def handle(cls, signum, frame):
@@ -297,7 +309,23 @@ class StopRequest:
             os.write(2, f"\nsecond {name}: exiting now without a checkpoint\n".encode())
             os._exit(128 + signum)
         cls.requested = True
-        os.write(2, f"\n{name} received: will save a checkpoint and stop after this step\n".encode())
+        os.write(2, f"\n{name} received: will save a checkpoint and stop at the next step boundary or evaluation batch\n".encode())
+
+
+class StopAgreed(Exception):
+    """Every process has seen a stop request: raised at a safe point between batches, caught by the training loop."""
+
+
+def check_stop(processes, device):
+    """Raise StopAgreed when any process has a stop request. Every process must call it at the same points
+    (it is a collective under torchrun), so all of them stop at the same batch."""
+    requested = StopRequest.requested
+    if processes.distributed:
+        flag = torch.tensor([float(requested)], device=device)
+        dist.all_reduce(flag)
+        requested = flag.item() > 0
+    if requested:
+        raise StopAgreed
 
 
 class RunLog:
@@ -359,23 +387,31 @@ def check_model_settings(settings, vocab_size):
         raise UserError(str(e)) from None
 
 
-def resolve_init_from(init_from, ckpt_path, processes):
+def restart_count():
+    """How many times the launcher has started this run again: torchrun's --max-restarts count, or SLURM's
+    requeue count (which torchrun's workers inherit); 0 for a first launch."""
+    return max(int(os.environ.get(name, "0") or 0) for name in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
+
+
+def resolve_init_from(settings, ckpt_path, processes):
     """
-    'auto' becomes 'resume' when rank 0 has a checkpoint, 'scratch' otherwise. So does 'scratch' in a torchrun
-    restart (--max-restarts) that finds a checkpoint: starting over there would overwrite the run's progress.
-    A checkpoint that other ranks have and rank 0 has not (a requeue that moved rank 0 to another node) is an error.
+    Where this launch starts: 'resume' when out_dir holds the run's checkpoint and the launch is init_from=auto
+    or any restart (a torchrun restart or a SLURM requeue of a run that began from scratch, a GPT-2 name or a
+    folder continues that run: starting over would overwrite its progress); otherwise init_from, or auto_from
+    for 'auto'. A checkpoint that other ranks have and rank 0 has not (a requeue that moved rank 0 to another
+    node) is an error.
     """
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    if init_from not in ("auto", "scratch") or (init_from == "scratch" and not restarted):
-        return init_from
+    fresh = settings.auto_from if settings.init_from == "auto" else settings.init_from
+    if settings.init_from == "resume" or (settings.init_from != "auto" and restart_count() == 0):
+        return settings.init_from
     has_checkpoint = gather_from_every_rank(os.path.exists(ckpt_path), processes)
     if not has_checkpoint[0] and any(has_checkpoint):
         raise UserError(f"rank 0 has no {ckpt_path} but ranks {[r for r, has in enumerate(has_checkpoint) if has]} do: rank 0's "
                         f"node holds the run's checkpoint; launch rank 0 where it is, or copy it there")
-    if has_checkpoint[0] and init_from == "scratch":
-        print(f"torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming from {ckpt_path} instead of starting over",
+    if has_checkpoint[0] and settings.init_from != "auto" and processes.master:
+        print(f"restart {restart_count()} of a run that began from {fresh}: resuming from {ckpt_path} instead of starting over",
               file=sys.stderr, flush=True)
-    return "resume" if has_checkpoint[0] else "scratch"
+    return "resume" if has_checkpoint[0] else fresh
 
 
 def read_checkpoint_everywhere(ckpt_path, processes):
@@ -409,10 +445,49 @@ def read_checkpoint_everywhere(ckpt_path, processes):
 
 
 TRAINING_KEYS = ("optimizer", "iter_num", "best_val_loss", "config")
+ARCHITECTURE_SETTINGS = tuple(key for key in MODEL_SETTINGS if key != "dropout")  # dropout may change on resume
 
 
-def build_model(settings, init_from, vocab_size, chars, processes):
-    """(model on the CPU, checkpoint or None) for a run starting from init_from, checked against the data."""
+def adopt_checkpoint_settings(settings, assigned, checkpoint, ckpt_path):
+    """
+    A resume continues the checkpoint's model: an architecture setting the user set (config file or command
+    line) that differs from it is refused, in one line naming each field with both values; the unset ones,
+    and seed and dropout when unset, are taken from it. Dropout as set is the model's from now on.
+    """
+    saved = checkpoint["model_args"]
+    wanted = dict(saved, **{key: getattr(settings, key) for key in ARCHITECTURE_SETTINGS if key in assigned})
+    if wanted["n_kv_head"] is None:  # None means n_head, as GPTConfig reads it
+        wanted["n_kv_head"] = wanted["n_head"]
+    if isinstance(wanted["window"], tuple):
+        wanted["window"] = list(wanted["window"])
+    differ = [key for key in ARCHITECTURE_SETTINGS if wanted[key] != saved.get(key)]
+    if differ:
+        raise UserError(f"{ckpt_path} holds another architecture than the one asked for (" +
+                        ", ".join(f"--{key}={getattr(settings, key)!r} but the checkpoint has {saved.get(key)!r}" for key in differ) +
+                        "); a resume cannot change the architecture: drop these settings, or start a new run in another --out_dir")
+    saved_seed = checkpoint["config"].get("seed", settings.seed)
+    if "seed" in assigned and settings.seed != saved_seed:
+        raise UserError(f"the checkpoint was trained with seed={saved_seed}, which fixes its batches and dropout; "
+                        f"resume with --seed={saved_seed} or without --seed")
+    for key in (*MODEL_SETTINGS, "seed"):
+        if key not in assigned:
+            setattr(settings, key, saved_seed if key == "seed" else saved[key])
+    checkpoint["model_args"] = dict(saved, dropout=settings.dropout)
+
+
+def changed_settings(settings, checkpoint):
+    """{setting: (the checkpoint's run's value, this run's)} for every setting a resume changes (none for a new run)."""
+    if checkpoint is None:
+        return {}
+    before = checkpoint["config"]
+    return {key: (before[key], value) for key, value in vars(settings).items()
+            if key in before and key not in ("init_from", *ARCHITECTURE_SETTINGS) and before[key] != value and not
+            (isinstance(value, tuple) and list(value) == before[key])}
+
+
+def build_model(settings, assigned, init_from, vocab_size, chars, processes):
+    """(model on the CPU, checkpoint or None) for a run starting from init_from, checked against the data.
+    `assigned`: the settings the user set (configurator), which a resume must not contradict."""
     ckpt_path = checkpoint_path(settings.out_dir)
     torch.manual_seed(settings.seed)  # the same initial weights on every process (FSDP shards them where they are)
     if init_from == "resume":
@@ -421,12 +496,8 @@ def build_model(settings, init_from, vocab_size, chars, processes):
         if missing:
             raise UserError(f"{ckpt_path} holds a model but not a training run (no {', '.join(missing)}); start from it "
                             f"with --init_from=scratch and load it elsewhere, or export it and use --init_from=<folder>")
+        adopt_checkpoint_settings(settings, assigned, checkpoint, ckpt_path)
         loaded = load_trained(settings.out_dir, checkpoint=checkpoint, need_decoding=False)
-        if loaded.model.config.block_size != settings.block_size:
-            raise UserError(f"the checkpoint was trained with block_size={loaded.model.config.block_size}; resume with that")
-        if checkpoint["config"].get("seed", settings.seed) != settings.seed:
-            raise UserError(f"the checkpoint was trained with seed={checkpoint['config']['seed']}, which fixes its batches "
-                            f"and dropout; resume with --seed={checkpoint['config']['seed']}")
         other_char_count = is_character_vocabulary(vocab_size) and loaded.model.config.vocab_size != vocab_size
         if checkpoint.get("chars") != chars or other_char_count:
             raise UserError(f"{ckpt_path} was trained on another vocabulary than {settings.dataset}'s; resume it on its own "
@@ -563,13 +634,15 @@ def optimizer_step(state):
 @torch.no_grad()
 def estimate_loss(state, batches):
     """Mean loss over eval_iters fixed batches per split, shared out over the processes. Every process
-    runs the same number of forwards (FSDP needs all of them in each one)."""
+    runs the same number of forwards (FSDP needs all of them in each one). A stop request is honoured
+    between batches (StopAgreed)."""
     eval_iters, batch_size, processes, dev = state.settings.eval_iters, state.settings.batch_size, state.processes, state.device
     losses = {}
     state.runner.eval()
     for split, stream in EVAL_STREAMS.items():
         total = torch.zeros(2, device=dev)  # loss sum, batch count
         for j in range(math.ceil(eval_iters / processes.world_size)):
+            check_stop(processes, dev)
             i = j * processes.world_size + processes.rank
             offsets = batches.offsets(stream, min(i, eval_iters - 1), batch_size, split)
             X, Y = (t.to(dev) for t in batches.rows(split, offsets))
@@ -584,21 +657,47 @@ def estimate_loss(state, batches):
     return losses
 
 
-def write_checkpoint(path, model, optimizer, scaler, processes, **values):
-    """The model, optimizer and scaler state with `values`. Every process takes part (FSDP gathers the
-    full state); only rank 0 writes."""
+def save_run(state, position, evaluated, val_loss=None):
+    """
+    out_dir/ckpt.pt, the state to continue from at position.step (evaluated=False marks one written on a stop
+    request: a resume evaluates that step first), and with val_loss (an improved validation loss) out_dir/best.pt,
+    the weights alone. ckpt.pt goes first, so its best_val_loss is never above best.pt's: a crash between the two
+    writes may lose the newest best weights, but no later write can replace better ones. Every process takes
+    part (FSDP gathers the full state); rank 0 writes, and a file it cannot write (a full disk) ends every
+    process with its one line.
+    """
     from torch.distributed.checkpoint.state_dict import get_state_dict, StateDictOptions
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    settings, processes = state.settings, state.processes
+    model_sd, optim_sd = get_state_dict(state.model, state.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    weights = dict(model=model_sd, model_args=state.model.config.to_dict(), chars=state.chars, iter_num=position.step,
+                   config=vars(settings))
+
+    def write():
+        save_checkpoint(dict(weights, optimizer=optim_sd, scaler=state.scaler.state_dict(), evaluated=evaluated,
+                             best_val_loss=position.best_val_loss, world_size=processes.world_size),
+                        checkpoint_path(settings.out_dir, "last"))
+        if val_loss is not None:
+            save_checkpoint(dict(weights, val_loss=val_loss), checkpoint_path(settings.out_dir, "best"))
+    on_rank_0_for_all(write, processes)
+    position.saved_step = position.step
+
+
+def on_rank_0_for_all(action, processes):
+    """action() on rank 0 alone; a UserError there (a full disk, an unwritable folder) is raised on every process
+    with the same message (printed once), so none is left waiting in a collective for rank 0."""
+    error = None
     if processes.master:
-        save_checkpoint(dict(model=model_sd, optimizer=optim_sd, scaler=scaler.state_dict(), **values), path)
-
-
-def save_run(state, step, best_val_loss, evaluated):
-    """The run's checkpoint at `step`. evaluated=False marks one written on a signal: a resume evaluates that step first."""
-    write_checkpoint(checkpoint_path(state.settings.out_dir), state.model, state.optimizer, state.scaler, state.processes,
-                     model_args=state.model.config.to_dict(), iter_num=step, best_val_loss=best_val_loss,
-                     evaluated=evaluated, config=vars(state.settings), world_size=state.processes.world_size,
-                     chars=state.chars)
+        try:
+            action()
+        except UserError as e:
+            error = str(e)
+    if processes.distributed:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise UserError(error)
 
 
 def restore_training_state(checkpoint, raw_model, optimizer, scaler):
@@ -650,12 +749,25 @@ def log_step(state, log, step, result, lr, dt):
     log.print(f"iter {step}: loss {result.loss:.4f}, time {dt * 1000:.1f}ms, {tokens_per_sec:,.0f} tok/s{mfu_text}{skipped_text}")
 
 
+HELLASWAG_CHUNK = 16  # examples per process between two looks at a stop request
+
+
 def run_hellaswag(state, examples, encode, log, step):
+    """evaluate_hellaswag over the examples in chunks, with a stop request honoured between them (StopAgreed);
+    every example is scored alone, so the chunks add up to one pass over all of them."""
     # the uncompiled module: every example has its own length, which would recompile a compiled one
-    result = evaluate_hellaswag(state.model, examples, state.device, state.autocast, encode, state.processes.rank,
-                                state.processes.world_size)
-    log.print(f"step {step}: hellaswag {result['n']} examples, acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f}")
-    log.metrics(dict(iter=step, hellaswag_acc=result["acc"], hellaswag_acc_norm=result["acc_norm"], hellaswag_n=result["n"]))
+    processes, chunk = state.processes, HELLASWAG_CHUNK * state.processes.world_size
+    correct, correct_norm = 0, 0
+    for start in range(0, len(examples), chunk):
+        check_stop(processes, state.device)
+        part = examples[start:start + chunk]
+        result = evaluate_hellaswag(state.model, part, state.device, state.autocast, encode, processes.rank,
+                                    processes.world_size)
+        correct += sum(p == e["label"] for p, e in zip(result["pred"], part))
+        correct_norm += sum(p == e["label"] for p, e in zip(result["pred_norm"], part))
+    n = len(examples)
+    log.print(f"step {step}: hellaswag {n} examples, acc {correct / n:.4f}, acc_norm {correct_norm / n:.4f}")
+    log.metrics(dict(iter=step, hellaswag_acc=correct / n, hellaswag_acc_norm=correct_norm / n, hellaswag_n=n))
 
 
 # -----------------------------------------------------------------------------
@@ -705,32 +817,106 @@ def start_training(settings, model, processes, dev, ptdtype, chars):
                       processes, autocast_context(dev, autocast_dtype), dev, chars)
 
 
-def log_start(state, log, init_from, step, ptdtype):
+def log_start(state, log, init_from, step, ptdtype, changes):
+    """The start line (and record): how the run is laid out, where it starts, and what a resume changed."""
     settings, processes, model = state.settings, state.processes, state.model
     mode = ("FSDP" if settings.fsdp else "DDP") if processes.distributed else "single process"
     log.print(f"{mode} on {processes.world_size} x {state.device}, {ptdtype}, compile={state.runner is not state.wrapped}; "
               f"model {model.get_num_params() / 1e6:.2f}M parameters; "
               f"{settings.gradient_accumulation_steps * settings.batch_size * model.config.block_size:,} tokens per step; "
               f"init_from={init_from}" + (f" at step {step}" if init_from == "resume" else ""))
+    if changes:
+        log.print("changed since the checkpoint's run: " + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items()))
     log.metrics(dict(event="start", iter=step, init_from=init_from, world_size=processes.world_size, device=state.device,
-                     dtype=ptdtype, params=model.get_num_params()))
+                     dtype=ptdtype, params=model.get_num_params(), changed={key: new for key, (_, new) in changes.items()}))
     if step >= settings.max_iters and not settings.eval_only and init_from == "resume":
         log.print(f"the checkpoint is at step {step}, not below --max_iters={settings.max_iters}: nothing to train")
 
 
-def evaluate(state, batches, log, step, lr, best_val_loss):
-    """Losses on the evaluation batches, logged; a checkpoint when they improve (or always_save_checkpoint).
-    Returns the best validation loss so far."""
+@dataclass
+class RunPosition:
+    """Where the run stands: the step about to be taken, the best validation loss so far, the step a resumed
+    checkpoint had evaluated already (not evaluated again), and the step of the last checkpoint written."""
+    step: int = 0
+    best_val_loss: float = math.inf
+    evaluated_step: int | None = None
+    saved_step: int | None = None
+
+    @classmethod
+    def of(cls, checkpoint, eval_only):
+        if checkpoint is None:
+            return cls()
+        step = checkpoint["iter_num"]
+        evaluated = checkpoint.get("evaluated", True) and not eval_only
+        return cls(step, checkpoint["best_val_loss"], step if evaluated else None, step)
+
+
+def evaluate(state, batches, log, position, lr):
+    """Losses on the evaluation batches, logged; then (unless eval_only) ckpt.pt, and best.pt too when the
+    validation loss improves. A stop request during it ends it (StopAgreed) before any file is written."""
     settings = state.settings
     losses = estimate_loss(state, batches)
-    log.print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-    log.metrics(dict(iter=step, train_loss=losses["train"], val_loss=losses["val"], lr=lr))
-    if losses["val"] < best_val_loss or settings.always_save_checkpoint:
-        best_val_loss = min(best_val_loss, losses["val"])
-        if step > 0 and not settings.eval_only:
-            save_run(state, step, best_val_loss, evaluated=True)
-            log.print(f"saved checkpoint to {checkpoint_path(settings.out_dir)}")
-    return best_val_loss
+    log.print(f"step {position.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    log.metrics(dict(iter=position.step, train_loss=losses["train"], val_loss=losses["val"], lr=lr))
+    if settings.eval_only:
+        return
+    improved = losses["val"] < position.best_val_loss
+    position.best_val_loss = min(position.best_val_loss, losses["val"])
+    save_run(state, position, evaluated=True, val_loss=losses["val"] if improved else None)
+    log.print(f"saved {checkpoint_path(settings.out_dir)}" + (f" and {checkpoint_path(settings.out_dir, 'best')} "
+                                                               f"(val loss improved)" if improved else ""))
+
+
+def stop(state, log, position):
+    """A stop request agreed by every process: the checkpoint of this step (unless it was just written), then a note."""
+    if position.saved_step != position.step:
+        save_run(state, position, evaluated=False)
+    log.print(f"stopped at step {position.step} on request; checkpoint saved to {checkpoint_path(state.settings.out_dir)}. "
+              f"Continue with the same command and --init_from=auto (or --init_from=resume); exit status {STOPPED_EXIT}")
+
+
+def train_loop(state, batches, log, position, hellaswag):
+    """Evaluate when due, then one optimizer step, until max_iters (True) or a stop request (False, a checkpoint
+    written). hellaswag: (examples, encode) or None."""
+    settings = state.settings
+    first_step, skipped_in_a_row, stop_requested, t0 = position.step, 0, False, time.time()
+    while True:
+        step = position.step
+        lr = lr_at(step, settings.learning_rate, settings.warmup_iters, settings.lr_decay_iters, settings.min_lr, settings.decay_lr)
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        last_step = step >= settings.max_iters
+        due = lambda interval: (step % interval == 0 or last_step or settings.eval_only) and step != position.evaluated_step
+        try:
+            if stop_requested:  # nothing but the checkpoint: torchrun and SLURM kill 30 s after their signal
+                raise StopAgreed
+            if due(settings.eval_interval):
+                evaluate(state, batches, log, position, lr)
+                check_stop(state.processes, state.device)  # a request that came during the checkpoint write
+                t0 = time.time()  # step timings leave evaluation out
+            if hellaswag is not None and due(settings.hellaswag_interval):
+                run_hellaswag(state, *hellaswag, log, step)
+                t0 = time.time()
+        except StopAgreed:
+            stop(state, log, position)
+            return False
+        if settings.eval_only or last_step:
+            return True
+
+        result = train_step(state, batches, step)
+        stop_requested = result.stop_requested
+        skipped_in_a_row = skipped_in_a_row + 1 if result.skipped else 0
+        if skipped_in_a_row >= MAX_SKIPPED_STEPS:
+            raise UserError(f"float16 gradients overflowed {skipped_in_a_row} steps in a row up to step {step} "
+                            f"(loss {result.loss}): the run diverged; try a lower --learning_rate "
+                            f"or --dtype=bfloat16 on a GPU that has it")
+        t1 = time.time()
+        dt, t0 = t1 - t0, t1
+        if step % settings.log_interval == 0:
+            log_step(state, log, step, result, lr, dt)
+        if step == first_step:  # optimizer state exists now: report what each process holds
+            report_training_state(state, log, step)
+        position.step += 1
 
 
 def release(log):
@@ -751,14 +937,15 @@ def release(log):
 # -----------------------------------------------------------------------------
 
 def main():
-    settings = SimpleNamespace(**apply_overrides(globals(), sys.argv[1:]))
+    assigned = set()  # the settings the user set: a resume must not contradict them
+    settings = SimpleNamespace(**apply_overrides(globals(), sys.argv[1:], assigned=assigned))
     processes = processes_from_env()
     validate_settings(settings)
     dev, ptdtype = check_launch(settings, processes)
     data_dir = os.path.join(settings.data_root, settings.dataset)
     vocab_size, chars = data_vocabulary(data_dir)
     ckpt_path = checkpoint_path(settings.out_dir)
-    if settings.init_from in ("scratch", "auto"):  # the settings must make a model, whatever auto decides
+    if "scratch" in (settings.init_from, settings.auto_from):  # the settings must make a model, whatever auto decides
         check_model_settings(settings, vocab_size)
     hellaswag_examples = read_hellaswag_examples(settings, vocab_size, chars)
 
@@ -767,70 +954,32 @@ def main():
         init_process_group(processes, dev.split(":")[0])
         if dev.startswith("cuda"):
             torch.cuda.set_device(dev)
-        init_from = resolve_init_from(settings.init_from, ckpt_path, processes)
-        model, checkpoint = build_model(settings, init_from, vocab_size, chars, processes)
+        init_from = resolve_init_from(settings, ckpt_path, processes)
+        model, checkpoint = build_model(settings, assigned, init_from, vocab_size, chars, processes)
         batches = BatchStream(data_dir, model.config.block_size, settings.seed, model.config.vocab_size)
         batches.check()
+        hellaswag = None
         if hellaswag_examples is not None:
-            encode = get_tokenizer().encode
+            hellaswag = (hellaswag_examples, get_tokenizer().encode)
             for i, example in enumerate(hellaswag_examples):  # an ending the model cannot hold: say so before training
-                example_rows(example, encode, model.config.block_size, i)
+                example_rows(example, hellaswag[1], model.config.block_size, i)
         state = start_training(settings, model, processes, dev, ptdtype, chars)
-        iter_num, best_val_loss, evaluated_step = 0, math.inf, None  # evaluated_step: the resumed step, evaluated before
+        position, changes = RunPosition.of(checkpoint, settings.eval_only), changed_settings(settings, checkpoint)
         if checkpoint is not None:
             restore_training_state(checkpoint, state.model, state.optimizer, state.scaler)
-            iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-            evaluated_step = iter_num if checkpoint.get("evaluated", True) and not settings.eval_only else None
         model = checkpoint = None  # state holds the model; the checkpoint's tensors can go
 
         wandb_settings = dict(project=settings.wandb_project, name=settings.wandb_run_name, config=vars(settings))
         log = RunLog(settings.out_dir, processes.master, wandb_settings if settings.wandb_log else None)
-        log_start(state, log, init_from, iter_num, ptdtype)
+        log_start(state, log, init_from, position.step, ptdtype, changes)
         StopRequest.install(under_torchrun=processes.distributed)
-        first_iter, stop_requested, skipped_in_a_row = iter_num, False, 0
-        t0 = time.time()
-        while True:
-            lr = lr_at(iter_num, settings.learning_rate, settings.warmup_iters, settings.lr_decay_iters, settings.min_lr,
-                       settings.decay_lr)
-            for group in state.optimizer.param_groups:
-                group["lr"] = lr
-            if stop_requested:  # nothing but the checkpoint: torchrun and SLURM kill 30 s after their signal
-                save_run(state, iter_num, best_val_loss, evaluated=False)
-                log.print(f"stopped at step {iter_num} on a signal; checkpoint saved to {ckpt_path}. "
-                          f"Continue with --init_from=resume (or --init_from=auto)")
-                break
-
-            # evaluate and checkpoint (a resumed run already did this at the step it resumed from)
-            last_step = iter_num >= settings.max_iters
-            due = lambda interval: (iter_num % interval == 0 or last_step or settings.eval_only) and iter_num != evaluated_step
-            if due(settings.eval_interval):
-                best_val_loss = evaluate(state, batches, log, iter_num, lr, best_val_loss)
-                t0 = time.time()  # step timings leave evaluation out
-            if hellaswag_examples is not None and due(settings.hellaswag_interval):
-                run_hellaswag(state, hellaswag_examples, encode, log, iter_num)
-                t0 = time.time()
-            if settings.eval_only or last_step:
-                break
-
-            result = train_step(state, batches, iter_num)
-            stop_requested = result.stop_requested
-            skipped_in_a_row = skipped_in_a_row + 1 if result.skipped else 0
-            if skipped_in_a_row >= MAX_SKIPPED_STEPS:
-                raise UserError(f"float16 gradients overflowed {skipped_in_a_row} steps in a row up to step {iter_num} "
-                                f"(loss {result.loss}): the run diverged; try a lower --learning_rate "
-                                f"or --dtype=bfloat16 on a GPU that has it")
-            t1 = time.time()
-            dt, t0 = t1 - t0, t1
-            if iter_num % settings.log_interval == 0:
-                log_step(state, log, iter_num, result, lr, dt)
-            if iter_num == first_iter:  # optimizer state exists now: report what each process holds
-                report_training_state(state, log, iter_num)
-            iter_num += 1
+        finished = train_loop(state, batches, log, position, hellaswag)
         if processes.distributed:
             dist.barrier()
     finally:
         state = model = None
         release(log)
+    return 0 if finished else STOPPED_EXIT
 
 
 if __name__ == "__main__":
