@@ -209,10 +209,15 @@ def save_checkpoint(checkpoint: dict, path: str) -> None:
             os.fsync(dir_fd)  # make the rename itself durable
         finally:
             os.close(dir_fd)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
-        raise unwritable(path, e, tensor_bytes(checkpoint)) from None
+        os_error = e  # torch.save reports a failed write as a RuntimeError raised while handling the OSError
+        while os_error is not None and not isinstance(os_error, OSError):
+            os_error = os_error.__context__
+        if os_error is None:
+            raise
+        raise unwritable(path, os_error, tensor_bytes(checkpoint)) from None
 
 
 def tensor_bytes(value) -> int:

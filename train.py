@@ -12,6 +12,7 @@ function of (seed, k, j), so runs are reproducible, resume exactly and train ali
 """
 
 import gc
+import errno
 import io
 import os
 import sys
@@ -34,7 +35,7 @@ from configurator import apply_overrides
 from eval_hellaswag import load_hellaswag, evaluate_hellaswag, example_rows
 from common import (UserError, run_main, range_check, pick_device, pick_dtype, autocast_context, checkpoint_path,
                     save_checkpoint, load_checkpoint, new_model, load_trained, load_pretrained, read_char_vocab,
-                    is_character_vocabulary, estimate_mfu, get_tokenizer)
+                    is_character_vocabulary, estimate_mfu, get_tokenizer, unwritable)
 
 # -----------------------------------------------------------------------------
 # default config: GPT-2 small (124M) on OpenWebText
@@ -332,11 +333,12 @@ class RunLog:
     """Console lines and out_dir/metrics.jsonl (appended, never truncated), plus wandb when asked, from rank 0 only."""
 
     def __init__(self, out_dir, active, wandb_settings=None):
-        self.active, self.file, self.wandb = active, None, None
+        self.active, self.fd, self.wandb = active, None, None
+        self.path = os.path.join(out_dir, "metrics.jsonl")
         if not active:
             return
         os.makedirs(out_dir, exist_ok=True)
-        self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # unbuffered: a failed write is known at once
         if wandb_settings is not None:
             import wandb
             self.wandb = wandb
@@ -351,15 +353,21 @@ class RunLog:
             return
         # strict JSON: an overflowing float16 step has an inf gradient norm, written as null, not Infinity
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self.file.write(json.dumps(record, allow_nan=False) + "\n")
-        self.file.flush()
+        line = (json.dumps(record, allow_nan=False) + "\n").encode()
+        size = os.fstat(self.fd).st_size
+        try:
+            if os.write(self.fd, line) != len(line):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as e:  # a full disk: one line saying so, and no torn last record
+            os.ftruncate(self.fd, size)
+            raise unwritable(self.path, e, len(line)) from None
         if self.wandb is not None:
             self.wandb.log(record, step=record["iter"])
 
     def close(self):
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
