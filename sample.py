@@ -89,8 +89,6 @@ def main():
     prompt = read_prompt()
     torch.manual_seed(seed)
     loaded = load_model(init_from, out_dir, overrides=dict(dropout=0.0), which=checkpoint)
-    if loaded.path is not None:
-        print(describe_trained(loaded), file=sys.stderr)
     model, chars = loaded.model.to(dev).eval(), loaded.chars
     tokenizer = get_tokenizer(chars)
 
@@ -123,7 +121,8 @@ def main():
             print(prompt + tokenizer.decode(new_ids))
         print("---------------")
     print(f"{generated} tokens in {elapsed:.2f}s: {generated / max(elapsed, 1e-9):.1f} tokens/s "
-          f"({'with' if use_cache else 'without'} KV cache, {dev})", file=sys.stderr)
+          f"({'with' if use_cache else 'without'} KV cache, {dev})" + (f"; {describe_trained(loaded)}" if loaded.path else ""),
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,15 @@ function of (seed, k, j), so runs are reproducible, resume exactly and train ali
 
 import gc
 import errno
-import io
 import os
 import sys
 import json
 import math
 import time
 import signal
+import threading
 import traceback
+import uuid
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -266,20 +267,55 @@ def gather_from_every_rank(value, processes):
 
 
 def init_process_group(processes, device_type):
-    """
-    Join the group through torchrun's store, under a prefix of this restart attempt. The store is served
-    by the torchrun agent and outlives a restart of the worker group (--max-restarts), keys included: without
-    the prefix a restarted process can read the address a process of the previous attempt published, and the
-    group's connection mesh is refused.
-    """
+    """Join the group of this launch attempt (attempt_store), on NCCL for CUDA, gloo otherwise."""
     if not processes.distributed:
         return
     store, rank, world_size = next(dist.rendezvous("env://"))
-    store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        store = attempt_store(store, rank)
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size)
 
 
+ATTEMPT_KEY = "train.py/attempt_store"  # in the torchrun agent's store: "<port> <token>" of the current attempt's store
+ATTEMPT_WAIT = 600  # seconds a process waits for rank 0 of its attempt to publish the store
+
+
+def attempt_store(agent_store, rank):
+    """
+    A store that only the processes of this launch attempt share. torchrun's agent store outlives a restart
+    of the worker group (--max-restarts), keys included, and the nodes need not agree on their restart count
+    (torchrun does not count a membership change as a restart), so neither the store nor a prefix from the
+    count can tell attempts apart. Instead rank 0 serves a fresh store and publishes its port with a random
+    token; the others take the published store once it answers with that token. An entry left by an earlier
+    attempt points at a store that died with that attempt's rank 0 (every process of an attempt is stopped
+    before the next one starts), or answers with another token, so every process of an attempt meets in
+    the same store.
+    """
+    from datetime import timedelta
+    host = os.environ["MASTER_ADDR"]
+    if rank == 0:
+        token = uuid.uuid4().hex
+        store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=ATTEMPT_WAIT))
+        store.set("token", token)
+        agent_store.set(ATTEMPT_KEY, f"{store.port} {token}")
+        return store
+    deadline = time.monotonic() + ATTEMPT_WAIT
+    while True:
+        port, token = agent_store.get(ATTEMPT_KEY).decode().split()
+        try:
+            store = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=5))
+            if store.get("token").decode() == token:
+                store.set_timeout(timedelta(seconds=ATTEMPT_WAIT))
+                return store
+        except (RuntimeError, OSError):  # a store of an earlier attempt, gone: rank 0 has not published yet
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank 0 of this attempt published no store in {ATTEMPT_WAIT} s")
+        time.sleep(0.2)
+
+
 STOPPED_EXIT = 75  # EX_TEMPFAIL, "try again later": stopped on request with a checkpoint to resume from (0: finished, 1: an error)
+STUCK_AFTER = 10  # seconds a stop signal may wait for the main thread before the process exits without a checkpoint
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
 
 
@@ -293,17 +329,46 @@ class StopRequest:
     """
     requested = False
     under_torchrun = False
+    handled_at = -math.inf  # when the handler last ran (time.monotonic): the main thread was running Python code
 
     @classmethod
     def install(cls, under_torchrun):
         cls.requested, cls.under_torchrun = False, under_torchrun
         for signum in STOP_SIGNALS:
             signal.signal(signum, cls.handle)
+        if under_torchrun:
+            cls.watch_for_a_blocked_main_thread()
+
+    @classmethod
+    def watch_for_a_blocked_main_thread(cls):
+        """
+        Python runs a signal handler in the main thread, between two bytecodes. A process blocked in a collective
+        whose peers are gone (torchrun tearing the group down after a worker died, NCCL, a peer on a lost node)
+        never gets there, so it would sit out torchrun's grace period until SIGKILL. The interpreter also writes
+        each signal to a wakeup file descriptor at once, from C; a thread reading it exits the process when the
+        handler has not run STUCK_AFTER seconds later. A healthy run reaches Python within milliseconds.
+        """
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        signal.set_wakeup_fd(write_fd)
+
+        def watch():
+            while True:
+                signum = os.read(read_fd, 1)[0]
+                arrived = time.monotonic()
+                while cls.handled_at < arrived - 1.0:  # 1 s of slack: the handler may have run just before the read
+                    if time.monotonic() - arrived > STUCK_AFTER:
+                        os.write(2, f"\n{signal.Signals(signum).name}: the training process is blocked outside Python "
+                                    f"(a collective whose peers are gone); exiting now\n".encode())
+                        os._exit(128 + signum)
+                    time.sleep(0.1)
+        threading.Thread(target=watch, name="stop-watch", daemon=True).start()
 
     @classmethod
     def handle(cls, signum, frame):
         # os.write, not print: a handler that prints while the main thread prints can raise "reentrant call"
         name = signal.Signals(signum).name
+        cls.handled_at = time.monotonic()
         if cls.requested:
             if cls.under_torchrun:
                 return
@@ -403,53 +468,91 @@ def restart_count():
 
 def resolve_init_from(settings, ckpt_path, processes):
     """
-    Where this launch starts: 'resume' when out_dir holds the run's checkpoint and the launch is init_from=auto
-    or any restart (a torchrun restart or a SLURM requeue of a run that began from scratch, a GPT-2 name or a
-    folder continues that run: starting over would overwrite its progress); otherwise init_from, or auto_from
-    for 'auto'. A checkpoint that other ranks have and rank 0 has not (a requeue that moved rank 0 to another
-    node) is an error.
+    Where this launch starts: 'resume' when some process's out_dir holds the run's checkpoint and the launch is
+    init_from=auto or any restart (a torchrun restart or a SLURM requeue of a run that began from scratch, a
+    GPT-2 name or a folder continues that run: starting over would overwrite its progress); otherwise
+    init_from, or auto_from for 'auto'.
     """
     fresh = settings.auto_from if settings.init_from == "auto" else settings.init_from
     if settings.init_from == "resume" or (settings.init_from != "auto" and restart_count() == 0):
         return settings.init_from
-    has_checkpoint = gather_from_every_rank(os.path.exists(ckpt_path), processes)
-    if not has_checkpoint[0] and any(has_checkpoint):
-        raise UserError(f"rank 0 has no {ckpt_path} but ranks {[r for r, has in enumerate(has_checkpoint) if has]} do: rank 0's "
-                        f"node holds the run's checkpoint; launch rank 0 where it is, or copy it there")
-    if has_checkpoint[0] and settings.init_from != "auto" and processes.master:
+    found = any(gather_from_every_rank(os.path.exists(ckpt_path), processes))
+    if found and settings.init_from != "auto" and processes.master:
         print(f"restart {restart_count()} of a run that began from {fresh}: resuming from {ckpt_path} instead of starting over",
               file=sys.stderr, flush=True)
-    return "resume" if has_checkpoint[0] else fresh
+    return "resume" if found else fresh
+
+
+def checkpoint_step(path):
+    """The step of the checkpoint at `path`, read without loading its tensors (memory-mapped); None when there
+    is none, -1 when it cannot be read (loading it reports why, if no process has a better one)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["iter_num"])
+    except Exception:  # damaged, or not train.py's: any readable copy elsewhere is better
+        return -1
+
+
+HANDOVER_CHUNK = 64 * 2**20  # bytes per broadcast when a checkpoint goes to processes that lack it
 
 
 def read_checkpoint_everywhere(ckpt_path, processes):
     """
-    The checkpoint on every process. Rank 0's file is the truth; a process whose node has the same file
-    (one machine, or a shared filesystem) reads its own copy, the others receive rank 0's bytes, so a
-    multi-node run resumes without a shared filesystem. Received bytes load with weights_only=True too.
+    The checkpoint on every process: the newest copy (by step; the lowest rank among equals) wins, wherever it
+    is, so a requeue that puts rank 0 on a node with an older copy, or none, still continues the run. A process
+    whose own copy has that step reads it (one machine, a shared filesystem); the others receive the file,
+    streamed in HANDOVER_CHUNK pieces into a temporary file beside their ckpt.pt and loaded from there, so no
+    process holds more than one chunk of it in flight. Received files load with weights_only=True too.
     """
     if not processes.distributed:
         return load_checkpoint(ckpt_path)
-    def fingerprint():
+    step = checkpoint_step(ckpt_path)
+    offers = gather_from_every_rank((step, os.path.getsize(ckpt_path) if step is not None else 0), processes)
+    source = max(range(processes.world_size), key=lambda r: (offers[r][0] if offers[r][0] is not None else -2, -r))
+    if offers[source][0] is None:
+        raise UserError(f"no checkpoint at {ckpt_path} on any node; train one first, or point --out_dir at the folder "
+                        f"that has {os.path.basename(ckpt_path)}")
+    receivers = [r for r in range(processes.world_size) if offers[r][0] != offers[source][0]]
+    if not receivers:
+        return load_checkpoint(ckpt_path)
+    group = dist.new_group([source, *receivers])  # every process creates it; only these take part in the transfer
+    if processes.rank == source:
+        send_file(ckpt_path, offers[source][1], source, group)
+    elif processes.rank in receivers:
+        received = f"{ckpt_path}.from-rank{source}.{processes.rank}.tmp"
         try:
-            st = os.stat(ckpt_path)
-            return (st.st_size, st.st_mtime_ns)
-        except OSError:
-            return None
-    fingerprints = gather_from_every_rank(fingerprint(), processes)
-    if fingerprints[0] is None:
-        raise UserError(f"no checkpoint at {ckpt_path} on rank 0; train one first, or point --out_dir at the folder that has "
-                        f"{os.path.basename(ckpt_path)}")
-    if all(f == fingerprints[0] for f in fingerprints):
-        return load_checkpoint(ckpt_path)
-    payload = [None]
-    if processes.master:
-        with open(ckpt_path, "rb") as f:
-            payload = [f.read()]
-    dist.broadcast_object_list(payload, src=0)
-    if processes.master:
-        return load_checkpoint(ckpt_path)
-    return load_checkpoint(io.BytesIO(payload[0]), name=ckpt_path)  # the same name: one message for one damaged file
+            receive_file(received, offers[source][1], source, group)
+            return load_checkpoint(received, name=ckpt_path)  # the same name: one message for one damaged file
+        finally:
+            if os.path.exists(received):
+                os.remove(received)
+    return load_checkpoint(ckpt_path)
+
+
+def transfer_buffer():
+    """A chunk buffer where the process group's backend can send it: the GPU under NCCL, the CPU under gloo."""
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    return torch.empty(HANDOVER_CHUNK, dtype=torch.uint8, device=device)
+
+
+def send_file(path, size, source, group):
+    buffer = transfer_buffer()
+    with open(path, "rb") as f:
+        for start in range(0, size, HANDOVER_CHUNK):
+            n = min(HANDOVER_CHUNK, size - start)
+            buffer[:n].copy_(torch.frombuffer(bytearray(f.read(n)), dtype=torch.uint8))
+            dist.broadcast(buffer[:n], src=source, group=group)
+
+
+def receive_file(path, size, source, group):
+    buffer = transfer_buffer()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        for start in range(0, size, HANDOVER_CHUNK):
+            n = min(HANDOVER_CHUNK, size - start)
+            dist.broadcast(buffer[:n], src=source, group=group)
+            f.write(buffer[:n].cpu().numpy().tobytes())
 
 
 TRAINING_KEYS = ("optimizer", "iter_num", "best_val_loss", "config")
@@ -613,12 +716,17 @@ def train_step(state, batches, step):
     step_loss = summary[0].item() / settings.gradient_accumulation_steps
     stop_requested = summary[1].item() > 0
     if not math.isfinite(step_loss) and not state.scaler.is_enabled():  # float16 overflows are the scaler's to skip
-        kept = ("so the last good checkpoint in " + settings.out_dir + " is kept"
-                if os.path.exists(checkpoint_path(settings.out_dir)) else "and no checkpoint had been written yet")
-        raise UserError(f"loss became {step_loss} at step {step}; stopped without saving, {kept}. "
-                        f"Try a lower --learning_rate or check the data")
+        raise diverged("loss", step_loss, step, settings.out_dir)
     grad_norm, skipped = optimizer_step(state)
     return StepResult(step_loss, grad_norm, stop_requested, skipped)
+
+
+def diverged(what, value, step, out_dir):
+    """The error of a run whose loss is no longer a number: nothing is saved, the last good checkpoint stays."""
+    kept = ("so the last good checkpoint in " + out_dir + " is kept"
+            if os.path.exists(checkpoint_path(out_dir)) else "and no checkpoint had been written yet")
+    return UserError(f"{what} became {value} at step {step}; stopped without saving, {kept}. "
+                     f"Try a lower --learning_rate or check the data")
 
 
 def optimizer_step(state):
@@ -868,6 +976,8 @@ def evaluate(state, batches, log, position, lr):
     log.metrics(dict(iter=position.step, train_loss=losses["train"], val_loss=losses["val"], lr=lr))
     if settings.eval_only:
         return
+    if not math.isfinite(losses["val"]):  # weights gone bad in the last step: never a checkpoint of them
+        raise diverged("validation loss", losses["val"], position.step, settings.out_dir)
     improved = losses["val"] < position.best_val_loss
     position.best_val_loss = min(position.best_val_loss, losses["val"])
     save_run(state, position, evaluated=True, val_loss=losses["val"] if improved else None)

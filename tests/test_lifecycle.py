@@ -251,3 +251,84 @@ def test_full_disk_mid_run_is_one_line_and_keeps_the_last_checkpoint(data_root, 
     assert sorted(os.listdir(out)) == ["best.pt", "ckpt.pt", "metrics.jsonl"]  # no temporary file left
     assert load(out, "ckpt.pt")["iter_num"] == 4
     read_metrics(out)  # every line still one JSON object
+
+
+# ---- 6. nodes that restart apart -------------------------------------------------------------------
+
+def launch_nodes(out_dirs, data_root, log_dir, torchrun_args=(), train_args=()):
+    """Two torchrun launches on this machine as the two nodes of one job (c10d rendezvous on 127.0.0.1), each with
+    its own out_dir; their output goes to log_dir/node<i>.log."""
+    from test_fault_tolerance import ARGS, free_port
+    port, procs = free_port(), []
+    for node, out in enumerate(out_dirs):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=test", *torchrun_args,
+               "train.py", *ARGS, f"--data_root={data_root}", f"--out_dir={out}", "--init_from=auto", *train_args]
+        log = open(os.path.join(log_dir, f"node{node}.log"), "w")
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=script_env(), stdout=log, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True))
+        time.sleep(0.5)  # node 0's agent joins first, so it is rank 0 in every round (c10d orders by agent)
+    return procs
+
+
+def wait_for_nodes(procs, log_dir):
+    from test_fault_tolerance import TIMEOUT
+    deadline = time.time() + TIMEOUT
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                os.killpg(p.pid, signal.SIGKILL)
+            raise AssertionError("a node hung:\n" + "\n".join(open(os.path.join(log_dir, f"node{i}.log")).read()
+                                                             for i in range(len(procs)))) from None
+    return [open(os.path.join(log_dir, f"node{i}.log")).read() for i in range(len(procs))]
+
+
+@pytest.mark.slow  # two two-node launches (~70 s)
+def test_nodes_that_restart_apart_meet_again_and_finish_like_an_uninterrupted_run(data_root, tmp_path):
+    """A worker SIGKILLed on node 1: node 1's agent counts a restart, node 0's restarts for a membership change
+    without counting one; both attempts' processes must still meet (no hang) and resume exactly."""
+    from test_fault_tolerance import losses_by_step, wait_for_step, worker_pids
+    reference = [str(tmp_path / "reference0"), str(tmp_path / "reference1")]
+    os.makedirs(tmp_path / "reference_logs")
+    texts = wait_for_nodes(launch_nodes(reference, data_root, str(tmp_path / "reference_logs")), str(tmp_path / "reference_logs"))
+    assert all("Traceback" not in t for t in texts)
+    out, logs = [str(tmp_path / "node0"), str(tmp_path / "node1")], str(tmp_path / "logs")
+    os.makedirs(logs)
+    procs = launch_nodes(out, data_root, logs, torchrun_args=["--max-restarts=1"])
+    wait_for_step(os.path.join(logs, "node0.log"), 9, procs[0])  # past the checkpoint of step 8
+    for pid in worker_pids(procs[1].pid):
+        os.kill(pid, signal.SIGKILL)
+    texts = wait_for_nodes(procs, logs)
+    assert [p.returncode for p in procs] == [0, 0], texts
+    assert "init_from=resume at step 8" in texts[0]
+    assert losses_by_step(out[0]) == losses_by_step(reference[0])
+    a, b = load(out[0], "ckpt.pt"), load(reference[0], "ckpt.pt")
+    assert a["iter_num"] == b["iter_num"] == 16
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+# ---- 7. the checkpoint hand-over between nodes -----------------------------------------------------
+
+@pytest.mark.slow  # four two-node launches (~2 min)
+def test_the_newest_copy_wins_when_rank_0s_node_holds_an_older_one(data_root, tmp_path):
+    """Node 0 (rank 0) holds the checkpoint of step 4, node 1 that of step 8: the run resumes at step 8 (node 1's
+    file, streamed to node 0) and ends as the uninterrupted run does."""
+    reference = [str(tmp_path / "reference0"), str(tmp_path / "reference1")]
+    os.makedirs(tmp_path / "reference_logs")
+    wait_for_nodes(launch_nodes(reference, data_root, str(tmp_path / "reference_logs")), str(tmp_path / "reference_logs"))
+    out, logs = [str(tmp_path / "node0"), str(tmp_path / "node1")], str(tmp_path / "logs")
+    os.makedirs(logs)
+    wait_for_nodes(launch_nodes(out, data_root, logs, train_args=["--max_iters=4"]), logs)
+    older = file_bytes(os.path.join(out[0], "ckpt.pt"))
+    wait_for_nodes(launch_nodes(out, data_root, logs, train_args=["--max_iters=8"]), logs)
+    os.replace(os.path.join(out[0], "ckpt.pt"), os.path.join(out[1], "ckpt.pt"))  # the newest copy on node 1 only
+    with open(os.path.join(out[0], "ckpt.pt"), "wb") as f:
+        f.write(older)
+    texts = wait_for_nodes(launch_nodes(out, data_root, logs), logs)
+    assert "init_from=resume at step 8" in texts[0], texts
+    assert not [name for name in os.listdir(out[0]) if name.endswith(".tmp")]  # the received file is gone
+    a, b = load(out[0], "ckpt.pt"), load(reference[0], "ckpt.pt")
+    assert a["iter_num"] == b["iter_num"] == 16
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -36,7 +36,8 @@ def test_hellaswag_every_k_steps_and_at_the_end_equals_the_script(one_process, e
     records = hellaswag_records(one_process)
     assert sorted(records) == [0, 2, 4]
     assert all(r["hellaswag_n"] == len(EXAMPLES) and 0 <= r["hellaswag_acc"] <= 1 for r in records.values())
-    script = run_script("eval_hellaswag.py", "--init_from=resume", "--checkpoint=last", f"--out_dir={one_process}", f"--data_path={examples_file}",
+    script = run_script("eval_hellaswag.py", "--init_from=resume", "--checkpoint=last", f"--out_dir={one_process}",
+                        f"--data_path={examples_file}",
                         "--device=cpu", check=True)
     line = script.stdout.strip().splitlines()[-1]
     final = records[4]
