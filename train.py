@@ -667,6 +667,7 @@ class TrainState:
     autocast: AbstractContextManager
     device: str
     chars: list | None = None  # the character vocabulary the checkpoints carry
+    gradient_bytes: int | None = None  # the most gradient storage this process held in its first step (measured)
 
     @property
     def micro_steps(self):
@@ -674,12 +675,10 @@ class TrainState:
         return self.settings.gradient_accumulation_steps // self.processes.world_size
 
     def set_gradient_sync(self, enabled):
-        """Gradients are reduced on the last micro-step only (the switch is on the DDP/FSDP module, not a compiled wrapper)."""
-        if not self.processes.distributed:
-            return
-        if self.settings.fsdp:
-            self.wrapped.set_requires_gradient_sync(enabled)
-        else:
+        """DDP reduces gradients on the last micro-step only (the switch is on the DDP module, not a compiled wrapper).
+        FSDP reduce-scatters on every micro-step: with sync off between micro-steps FSDP2 would hold every
+        parameter's unsharded gradient on every process until the last one, which is the memory sharding saves."""
+        if self.processes.distributed and not self.settings.fsdp:
             self.wrapped.require_backward_grad_sync = enabled
 
 
@@ -699,6 +698,7 @@ def train_step(state, batches, step):
     settings, processes, dev = state.settings, state.processes, state.device
     offsets = batches.offsets(TRAIN_STREAM, step, settings.gradient_accumulation_steps * settings.batch_size, "train")
     loss_sum = torch.zeros((), device=dev)
+    measuring = state.gradient_bytes is None  # the first step: how much gradient storage is held, measured
     for micro in range(state.micro_steps):
         state.set_gradient_sync(micro == state.micro_steps - 1)
         micro_batch = processes.rank * state.micro_steps + micro  # its index in the global batch
@@ -709,6 +709,8 @@ def train_step(state, batches, step):
             _, loss = state.runner(X, Y)
         loss_sum += loss.detach().float()
         state.scaler.scale(loss / state.micro_steps).backward()
+        if measuring:
+            state.gradient_bytes = max(state.gradient_bytes or 0, gradient_bytes(state.model))
     # one all-reduce carries the loss sum and the stop flag of every process
     summary = torch.stack([loss_sum, torch.tensor(float(StopRequest.requested), device=dev)])
     if processes.distributed:
@@ -828,19 +830,35 @@ def restore_training_state(checkpoint, raw_model, optimizer, scaler):
         scaler.load_state_dict(checkpoint["scaler"])
 
 
-def training_state_bytes(model, optimizer):
-    """Bytes of parameters, gradients and optimizer state held by this process (its shards under FSDP)."""
-    def local(t):
-        return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's shard on this process
-    params = [local(p) for p in model.parameters()]
-    moments = [local(v) for per_param in optimizer.state.values() for v in per_param.values() if torch.is_tensor(v)]
-    return dict(params=sum(t.numel() * t.element_size() for t in params),
-                grads=sum(t.numel() * t.element_size() for t in params),  # one gradient per parameter element
-                optimizer=sum(t.numel() * t.element_size() for t in moments))
+def local_bytes(tensors):
+    """Bytes this process stores for `tensors` (a DTensor's local shard under FSDP)."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    return sum(t.numel() * t.element_size() for t in local)
+
+
+def gradient_bytes(model):
+    """The gradient storage this process holds now: its .grad tensors (their shards under FSDP), and the unsharded
+    gradients FSDP2 keeps between micro-steps when its gradient sync is off (on its unsharded parameters, or
+    accumulated in the reduce dtype), so that the report shows what is held whatever the sync setting."""
+    held = [p.grad for p in model.parameters() if p.grad is not None]
+    for module in model.modules():
+        group = module._get_fsdp_state()._fsdp_param_group if hasattr(module, "_get_fsdp_state") else None
+        for fsdp_param in group.fsdp_params if group is not None else ():
+            unsharded = getattr(fsdp_param, "_unsharded_param", None)
+            held += [g for g in (getattr(fsdp_param, "unsharded_accumulated_grad", None), getattr(unsharded, "grad", None))
+                     if g is not None]
+    return local_bytes(held)
+
+
+def training_state_bytes(state):
+    """Bytes of parameters, gradients (the most held during the first step, measured) and optimizer state held by
+    this process (its shards under FSDP)."""
+    moments = [v for per_param in state.optimizer.state.values() for v in per_param.values() if torch.is_tensor(v)]
+    return dict(params=local_bytes(state.model.parameters()), grads=state.gradient_bytes or 0, optimizer=local_bytes(moments))
 
 
 def report_training_state(state, log, step):
-    held = gather_from_every_rank(training_state_bytes(state.model, state.optimizer), state.processes)
+    held = gather_from_every_rank(training_state_bytes(state), state.processes)
     for rank, parts in enumerate(held):
         log.print(f"rank {rank} holds {sum(parts.values()) / 2**20:,.1f} MiB of training state: " +
                   ", ".join(f"{k} {v / 2**20:,.1f}" for k, v in parts.items()))
