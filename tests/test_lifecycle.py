@@ -121,6 +121,7 @@ def test_resume_takes_unset_architecture_from_the_checkpoint(data_root, six_step
                         "--eval_iters=2", check=True)
     assert "init_from=resume at step 6" in result.stdout
     assert load(out, "ckpt.pt")["model_args"] == load(six_steps, "ckpt.pt")["model_args"]
+    assert load(out, "ckpt.pt")["config"]["n_layer"] == 2  # the run's settings describe the model it trains
 
 
 def test_resume_honours_a_changed_dropout_and_says_what_changed(data_root, six_steps, tmp_path):
@@ -206,6 +207,54 @@ def test_a_relaunched_finetune_continues_its_run(data_root, tiny_gpt2_folder, tm
     assert losses(out) == losses(reference)
     a, b = load(out, "ckpt.pt")["model"], load(reference, "ckpt.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow  # two torchrun launches (~60 s)
+def test_a_torchrun_restart_of_a_finetune_continues_it_exactly(data_root, tiny_gpt2_folder, tmp_path):
+    """--init_from=<folder> under --max-restarts=1, a worker SIGKILLed after the checkpoint of step 3: the restart
+    resumes from it instead of reloading the pretrained weights, and ends bitwise equal to an uninterrupted run."""
+    from test_fault_tolerance import finish, start, wait_for_step, worker_with_rank
+    def command(out):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+                *finetune_args(data_root, out, f"--init_from={tiny_gpt2_folder}", "--max_iters=8",
+                               "--gradient_accumulation_steps=2", "--batch_size=2")]
+    reference, out = str(tmp_path / "reference"), str(tmp_path / "run")
+    proc = start(command(reference), str(tmp_path / "reference.log"))
+    assert finish(proc, str(tmp_path / "reference.log")) and proc.returncode == 0
+    proc = start(command(out), str(tmp_path / "run.log"))
+    wait_for_step(str(tmp_path / "run.log"), 4, proc)
+    os.kill(worker_with_rank(proc.pid, 1), signal.SIGKILL)
+    text = finish(proc, str(tmp_path / "run.log"))
+    assert proc.returncode == 0, text
+    assert "resuming from" in text and "init_from=resume at step 3" in text
+    assert losses(out) == losses(reference)
+    a, b = load(out, "ckpt.pt")["model"], load(reference, "ckpt.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- 4. workers blocked in a collective leave promptly ---------------------------------------------
+
+@pytest.mark.slow  # waits out torchrun's grace period for the stopped worker (~40 s)
+def test_a_worker_blocked_in_a_collective_leaves_on_sigterm_before_the_grace_period_ends(data_root, tmp_path):
+    """Rank 1 frozen (SIGSTOP), so rank 0 waits in an all-reduce that never completes; SIGTERM to torchrun must
+    still end rank 0 within seconds (its handler cannot run there), while rank 1 waits for torchrun's SIGKILL."""
+    from test_fault_tolerance import ARGS, finish, start, wait_for_step, worker_with_rank
+    log = str(tmp_path / "log")
+    proc = start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *ARGS,
+                  f"--data_root={data_root}", f"--out_dir={tmp_path / 'run'}", "--max_iters=100000", "--eval_interval=100000"],
+                 log)
+    wait_for_step(log, 3, proc)
+    rank0, rank1 = worker_with_rank(proc.pid, 0), worker_with_rank(proc.pid, 1)
+    os.kill(rank1, signal.SIGSTOP)
+    time.sleep(2)  # rank 0 reaches the next all-reduce and waits there
+    os.kill(proc.pid, signal.SIGTERM)
+    while os.path.exists(f"/proc/{rank0}") and open(f"/proc/{rank0}/stat").read().split()[2] != "Z":
+        assert proc.poll() is None, open(log).read()
+        time.sleep(0.1)
+    rank1_alive = os.path.exists(f"/proc/{rank1}")
+    text = finish(proc, log)
+    assert rank1_alive, text  # rank 0 left before torchrun's grace period ended in SIGKILL
+    assert "blocked outside Python" in text
 
 
 # ---- 5. a full disk --------------------------------------------------------------------------------
