@@ -9,6 +9,12 @@ Trains a GPT on one device, or on many through torchrun, with DDP (the default) 
 Every setting below can be changed by a config file or --key=value (configurator.py).
 The global batch of step k is a pure function of (seed, k), and the dropout of its micro-batch j a pure
 function of (seed, k, j), so runs are reproducible, resume exactly and train alike on any number of processes.
+
+A run's files: out_dir/ckpt.pt, the state to continue from (every evaluation, and on a stop request), and
+out_dir/best.pt, the best-validated weights (only when the validation loss improves; nothing replaces it
+with worse). --init_from=auto is one command for the first launch and every relaunch; a torchrun restart or
+a SLURM requeue of any run continues it. Exit status: 0 finished, 1 an error (one line), 75 stopped on a
+signal (SIGTERM, SIGINT, SIGUSR1) with a checkpoint to resume from.
 """
 
 import gc
