@@ -159,6 +159,18 @@ def test_stop_during_evaluation_is_honoured_between_batches(data_root, tmp_path,
     assert not os.path.exists(os.path.join(out, "best.pt"))
 
 
+def test_stop_during_hellaswag_is_honoured_between_chunks(data_root, tmp_path):
+    from test_hellaswag import EXAMPLES, write_jsonl
+    examples = write_jsonl(tmp_path / "hellaswag.jsonl", EXAMPLES * 2000)  # far more than the test waits for
+    out = str(tmp_path / "run")
+    proc = start_run(train_args(data_root, out, "--dataset=shakespeare", "--hellaswag_interval=4",
+                                f"--hellaswag_path={examples}"))
+    stdout, stderr = stop_after(proc, "saved ", signal.SIGTERM, delay=0.5)  # step 0's evaluation and checkpoint done
+    assert proc.returncode == STOPPED_EXIT, stderr
+    assert "step 0: hellaswag" not in stdout  # stopped inside HellaSwag, not after it
+    assert load(out, "ckpt.pt")["iter_num"] == 0
+
+
 def test_stopped_run_resumes_like_an_uninterrupted_one(data_root, tmp_path):
     args = ["--max_iters=12", "--eval_interval=4", "--dropout=0.1"]
     reference = str(tmp_path / "reference")
