@@ -276,10 +276,16 @@ def init_process_group(processes, device_type):
     """Join the group of this launch attempt (attempt_store), on NCCL for CUDA, gloo otherwise."""
     if not processes.distributed:
         return
-    store, rank, world_size = next(dist.rendezvous("env://"))
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        store = attempt_store(store, rank)
+    agent_store, rank, world_size = next(dist.rendezvous("env://"))
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = attempt_store(agent_store, rank) if shared else agent_store
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size)
+    if shared:
+        # every process has found this attempt's store, so its entry can go: the next attempt's processes then wait
+        # for their own rank 0's entry instead of trying this one's dead store first
+        dist.barrier()
+        if rank == 0:
+            agent_store.delete_key(ATTEMPT_KEY)
 
 
 ATTEMPT_KEY = "train.py/attempt_store"  # in the torchrun agent's store: "<port> <token>" of the current attempt's store
