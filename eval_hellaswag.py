@@ -163,7 +163,8 @@ def evaluate_hellaswag(model, examples: list[dict], device, autocast_ctx, encode
     labels = torch.tensor([example["label"] for example in examples], device=device)
     pred = sum_loss.argmin(dim=1)  # the first of equal losses, as in a loop over the endings
     pred_norm = (sum_loss / n_tokens).argmin(dim=1)
-    return dict(n=n, acc=(pred == labels).float().mean().item(), acc_norm=(pred_norm == labels).float().mean().item(),
+    # exact fractions (not a float32 mean), so that train.py's sum over chunks of examples gives the same numbers
+    return dict(n=n, acc=int((pred == labels).sum()) / n, acc_norm=int((pred_norm == labels).sum()) / n,
                 pred=pred.tolist(), pred_norm=pred_norm.tolist(), sum_loss=sum_loss.tolist(), n_tokens=n_tokens.tolist())
 
 
