@@ -206,28 +206,42 @@ def train_settings(scratch, args):
 
 def tiny_train_args(scratch, args, processes=1):
     """Overrides that make a train.py command a few steps of a tiny model, keeping what it is: the data set,
-    where it starts from (scratch, a checkpoint, GPT-2) and its mode (DDP, FSDP, eval_only). The model shapes
-    follow from the command's settings alone, so a resume gets those its checkpoint was trained with."""
+    where it starts from (scratch, a checkpoint, GPT-2, and for init_from=auto whichever it finds) and its mode
+    (DDP, FSDP, eval_only). A new model from scratch gets tiny shapes; a resume takes its checkpoint's (a resume
+    that asked for other shapes, a config file's included, would be refused), and a pretrained model keeps its own."""
     s = train_settings(scratch, args)
     has_checkpoint = os.path.exists(os.path.join(scratch.repo, s["out_dir"], "ckpt.pt"))
     resumes = s["init_from"] == "resume" or (s["init_from"] == "auto" and has_checkpoint)
+    source = "resume" if resumes else s["auto_from"] if s["init_from"] == "auto" else s["init_from"]
     extra = ["--device=cpu", "--compile=False", "--eval_iters=1", "--log_interval=1", "--batch_size=2",
              f"--gradient_accumulation_steps={processes}", "--warmup_iters=1"]
     steps = 4 if resumes else 2  # a resume trains two more steps
     extra += [f"--max_iters={steps}", f"--lr_decay_iters={steps}", "--eval_interval=2"]
     if s["hellaswag_interval"]:
         extra += ["--hellaswag_interval=2", "--hellaswag_max_examples=4"]
-    if s["init_from"] in ("scratch", "auto", "resume"):  # a resume gets the shapes its checkpoint was trained with
+    if source == "resume":
+        return extra + checkpoint_shapes(os.path.join(scratch.repo, s["out_dir"], "ckpt.pt"))
+    if source == "scratch":
         extra += TINY_MODEL
-        if s["n_kv_head"] is not None:
-            extra.append(f"--n_kv_head={min(s['n_kv_head'], 2)}")
-        if isinstance(s["window"], (tuple, list)):
-            extra.append(f"--window={tuple(s['window'][-2:])}")  # one entry per layer: the last two of them
-        elif s["window"]:
-            extra.append(f"--window={min(s['window'], 16)}")
     else:  # a pretrained model: its shapes, a shorter context
         extra.append("--block_size=32")
+    # the command's own attention settings, cut to the tiny models (2 layers, 2 or 4 heads, 32 positions)
+    if s["n_kv_head"] is not None:
+        extra.append(f"--n_kv_head={min(s['n_kv_head'], 2)}")
+    if isinstance(s["window"], (tuple, list)):
+        extra.append(f"--window={tuple(s['window'][-2:])}")  # one entry per layer: the last two of them
+    elif s["window"]:
+        extra.append(f"--window={min(s['window'], 16)}")
     return extra
+
+
+def checkpoint_shapes(path):
+    """Overrides that restate the architecture of the checkpoint at `path`, over those of the command's config."""
+    import torch
+    from train import ARCHITECTURE_SETTINGS
+    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["model_args"]
+    return [f"--{key}={tuple(saved[key]) if isinstance(saved[key], list) else saved[key]!r}"
+            for key in ARCHITECTURE_SETTINGS if key in saved]
 
 
 def run_train(scratch, argv):
@@ -337,6 +351,22 @@ CANNOT_RUN = [
 ]
 
 
+# what a command must print (stdout or stderr), besides exiting 0: (test on the Command, text)
+EXPECTED_OUTPUT = [
+    (lambda c: python_script(c.argv, "sample.py") and "--checkpoint=last" in c.argv, "ckpt.pt (step"),
+    (lambda c: python_script(c.argv, "export_hf.py") and "--checkpoint=best" in c.argv, "best.pt (step"),
+    # the fine-tune of docs/training.md is relaunched in fault_tolerance.md: the same command resumes it
+    (lambda c: c.doc == "docs/training.md" and c.argv == ["python", "train.py", "config/finetune_shakespeare.py"], "init_from=gpt2"),
+    (lambda c: c.doc == "docs/fault_tolerance.md" and c.argv == ["python", "train.py", "config/finetune_shakespeare.py"],
+     "init_from=resume at step 2"),
+    (lambda c: python_script(c.argv, "train.py") and "--auto_from=gpt2" in c.argv, "init_from=gpt2"),
+]
+
+
+def expected_output(command):
+    return [text for claims, text in EXPECTED_OUTPUT if not command.script and claims(command)]
+
+
 def handler_for(command):
     if command.script:
         return Handler("script file (bash -n)", lambda a: True, None)
@@ -358,6 +388,8 @@ def test_every_command_is_handled():
                            "or a CANNOT_RUN entry with the reason):\n" + "\n".join(unhandled))
     both = [str(c) for c in commands if handler_for(c) is not None and cannot_run_reason(c) is not None]
     assert not both, both
+    for claims, text in EXPECTED_OUTPUT:  # a command renamed in the docs must not drop its check silently
+        assert any(claims(c) for c in commands if not c.script), f"no command of the docs is expected to print {text!r}"
 
 
 def test_extraction():
@@ -422,9 +454,11 @@ def run_document(scratch, doc):
             assert handler is not None, f"no handler for {command}"
             results = check_script(scratch, command) if command.script else handler.run(scratch, command.argv)
             for result in results:
-                if result.returncode != 0:
-                    failures.append((earlier, f"{command}\n  ran: {shlex.join(map(str, result.args))}\n  exit {result.returncode}\n"
-                                              f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}"))
+                missing = [text for text in expected_output(command) if text not in result.stdout + result.stderr]
+                if result.returncode != 0 or missing:
+                    failures.append((earlier, f"{command}\n  ran: {shlex.join(map(str, result.args))}\n  exit {result.returncode}"
+                                              + "".join(f", did not print {text!r}" for text in missing) +
+                                              f"\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"))
         scratch.done.append(earlier)
         if earlier == doc:
             break
