@@ -69,6 +69,8 @@ rope = False  # rotary position embedding instead of the learned position table
 rope_theta = 10000.0
 n_kv_head = None  # None: n_head (multi-head attention); fewer: grouped-query attention
 window = None  # None: full causal attention; W: each token sees itself and W-1 before it; a tuple: one per layer
+qk_norm = False  # RMS-normalise each query and key head before attention (modded-nanogpt, Qwen3)
+mlp_act = "gelu"  # 'gelu' | 'relu2' (relu(x)**2)
 attn_impl = "auto"  # 'auto' | 'dense' | 'blocked' | 'flex' for windowed layers
 # AdamW
 learning_rate = 6e-4
@@ -98,7 +100,8 @@ seed = 1337
 # -----------------------------------------------------------------------------
 
 # the settings above that are GPTConfig fields; tests/test_configurator.py checks that this is all of them
-MODEL_SETTINGS = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "rope", "rope_theta", "n_kv_head", "window")
+MODEL_SETTINGS = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "rope", "rope_theta", "n_kv_head", "window",
+                  "qk_norm", "mlp_act")
 
 
 def validate_settings(settings):
