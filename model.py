@@ -524,15 +524,31 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------------
     # Training helpers
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, fused=None):
-        """AdamW with weight decay on matrices and embeddings (dim >= 2) only; the fused kernel on CUDA and CPUs."""
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, fused=None, muon=None):
+        """
+        AdamW with weight decay on matrices and embeddings (dim >= 2) only; the fused kernel on CUDA and CPUs.
+        muon: None, or the keyword arguments of optimizers.Muon (lr, momentum, ns_steps, weight_decay) for the
+        weight matrices inside the blocks; AdamW then keeps the embeddings (and so the tied lm_head), norms and
+        biases, as modded-nanogpt and nanochat split them, and both step together as an OptimizerGroup.
+        Every param group records its peak_lr: the schedule scales each group's from there by one factor.
+        """
         params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
+        matrices = {id(p) for p in self.transformer.h.parameters() if p.dim() == 2} if muon is not None else set()
+        adam_params = [p for p in params if id(p) not in matrices]
+        decay = [p for p in adam_params if p.dim() >= 2]
+        no_decay = [p for p in adam_params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if fused is None:  # one kernel for every parameter, faster than the per-tensor loop on CPUs too
             fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
+        if muon is None:
+            optimizer = adamw
+        else:
+            from optimizers import Muon, OptimizerGroup
+            optimizer = OptimizerGroup(adamw, Muon([p for p in params if id(p) in matrices], nesterov=True, **muon))
+        for group in optimizer.param_groups:
+            group["peak_lr"] = group["lr"]
+        return optimizer
 
     def flops_per_token(self, seq_len):
         """Training FLOPs per token (forward + backward): 6 per weight plus the attention scores (PaLM, appendix B)."""

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from model import GPT, GPTConfig, ConfigError, ATTENTION_IMPLS, GPT2_NAMES, PADDED_GPT2_VOCAB_SIZE
 from configurator import apply_overrides
+from optimizers import OptimizerGroup, muon_available
 from eval_hellaswag import load_hellaswag, evaluate_hellaswag, example_rows
 from common import (UserError, run_main, range_check, pick_device, pick_dtype, autocast_context, checkpoint_path,
                     save_checkpoint, load_checkpoint, new_model, load_trained, load_pretrained, read_char_vocab,
@@ -72,14 +73,21 @@ window = None  # None: full causal attention; W: each token sees itself and W-1 
 qk_norm = False  # RMS-normalise each query and key head before attention (modded-nanogpt, Qwen3)
 mlp_act = "gelu"  # 'gelu' | 'relu2' (relu(x)**2)
 attn_impl = "auto"  # 'auto' | 'dense' | 'blocked' | 'flex' for windowed layers
-# AdamW
-learning_rate = 6e-4
+# optimizer: 'adamw' for every parameter, or 'muon': Muon for the weight matrices inside the blocks, AdamW for
+# the embeddings (and the tied lm_head), norms and biases
+optimizer = "adamw"
+learning_rate = 6e-4  # AdamW's peak learning rate
 max_iters = 600000
-weight_decay = 1e-1
+weight_decay = 1e-1  # AdamW's, on matrices and embeddings
 beta1 = 0.9
 beta2 = 0.95
-grad_clip = 1.0  # 0 disables clipping
-# learning-rate schedule: linear warmup, then cosine decay to min_lr; decay_lr=False keeps learning_rate throughout
+grad_clip = 1.0  # 0 disables clipping (all parameters, before either optimizer steps)
+muon_lr = 0.02  # Muon's peak learning rate; the schedule scales it by the same factor as learning_rate
+muon_momentum = 0.95  # Nesterov momentum
+muon_ns_steps = 5  # Newton-Schulz iterations per update
+muon_weight_decay = 0.0  # decoupled, as AdamW's: each step multiplies the matrices by 1 - lr * muon_weight_decay
+# learning-rate schedule: linear warmup, then cosine decay to min_lr; decay_lr=False keeps learning_rate throughout.
+# Muon's follows the same curve from muon_lr down to min_lr * muon_lr / learning_rate
 decay_lr = True
 warmup_iters = 2000
 lr_decay_iters = 600000
@@ -120,6 +128,17 @@ def validate_settings(settings):
         need(settings.lr_decay_iters >= settings.warmup_iters, "lr_decay_iters",
              f"use at least warmup_iters={settings.warmup_iters}: the cosine decay starts where the warmup ends")
     need(math.isfinite(settings.weight_decay) and settings.weight_decay >= 0, "weight_decay", "use a number >= 0")
+    need(settings.optimizer in OPTIMIZERS, "optimizer", f"use one of {', '.join(OPTIMIZERS)}")
+    if settings.optimizer == "muon":  # Muon's settings; with AdamW alone they are unused
+        if not muon_available():
+            raise UserError(f"--optimizer=muon needs torch.optim.Muon (PyTorch >= 2.9), this is PyTorch {torch.__version__}; "
+                            f"upgrade torch or use --optimizer=adamw")
+        need(math.isfinite(settings.muon_lr) and settings.muon_lr > 0, "muon_lr", "use a positive number")
+        need(0 <= settings.muon_momentum < 1, "muon_momentum", "use a number in [0, 1)")
+        need(isinstance(settings.muon_ns_steps, int) and 1 <= settings.muon_ns_steps <= 99, "muon_ns_steps",
+             "use an integer in [1, 99] (5 is Muon's usual)")
+        need(math.isfinite(settings.muon_weight_decay) and settings.muon_weight_decay >= 0, "muon_weight_decay",
+             "use a number >= 0")
     for key in ("beta1", "beta2"):
         need(0 <= getattr(settings, key) < 1, key, "use a number in [0, 1)")
     need(math.isfinite(settings.grad_clip) and settings.grad_clip >= 0, "grad_clip", "use a number > 0, or 0 to disable clipping")
@@ -152,6 +171,9 @@ def validate_settings(settings):
             import wandb  # noqa: F401
         except ImportError:
             raise UserError("--wandb_log=True needs the wandb package: pip install wandb, or set --wandb_log=False") from None
+
+
+OPTIMIZERS = ("adamw", "muon")
 
 
 def lr_at(step, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr=True):
@@ -469,10 +491,25 @@ def wrap_model(model, processes, settings, device_type, ptdtype):
 
 
 def build_optimizer(model, settings, device_type):
-    """AdamW (model.configure_optimizers) with this run's settings; FSDP's sharded parameters take the
-    per-tensor implementation."""
+    """AdamW, or AdamW and Muon (model.configure_optimizers), with this run's settings; FSDP's sharded parameters
+    take AdamW's per-tensor implementation."""
+    muon = None
+    if settings.optimizer == "muon":
+        muon = dict(lr=settings.muon_lr, momentum=settings.muon_momentum, ns_steps=settings.muon_ns_steps,
+                    weight_decay=settings.muon_weight_decay)
     return model.configure_optimizers(settings.weight_decay, settings.learning_rate, (settings.beta1, settings.beta2),
-                                      device_type, fused=False if settings.fsdp else None)
+                                      device_type, fused=False if settings.fsdp else None, muon=muon)
+
+
+def set_learning_rates(optimizer, step, settings):
+    """Every param group at `step` of the schedule, from its own peak_lr: AdamW's groups follow lr_at exactly,
+    Muon's the same curve scaled by muon_lr / learning_rate. Returns AdamW's (the logged lr)."""
+    for group in optimizer.param_groups:
+        ratio = group["peak_lr"] / settings.learning_rate  # 1.0 exactly for AdamW's groups
+        group["lr"] = lr_at(step, group["peak_lr"], settings.warmup_iters, settings.lr_decay_iters,
+                            settings.min_lr * ratio, settings.decay_lr)
+    return lr_at(step, settings.learning_rate, settings.warmup_iters, settings.lr_decay_iters, settings.min_lr,
+                 settings.decay_lr)
 
 
 @dataclass
@@ -482,7 +519,7 @@ class TrainState:
     model: GPT  # the model itself: its parameters, the optimizer's, checkpoints, HellaSwag at any length
     wrapped: torch.nn.Module  # the DDP/FSDP module around it (the model itself on one process): gradient sync
     runner: torch.nn.Module  # what runs the training and evaluation batches: `wrapped`, compiled when compile is on
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | OptimizerGroup  # AdamW, or AdamW and Muon
     scaler: torch.amp.GradScaler
     processes: Processes
     autocast: AbstractContextManager
@@ -605,9 +642,15 @@ def save_run(state, step, best_val_loss, evaluated):
 
 
 def restore_training_state(checkpoint, raw_model, optimizer, scaler):
-    """AdamW's moments and the scaler's state from the checkpoint; the hyperparameters stay this run's settings
-    (loading an optimizer state would bring back the betas, weight decay and fused flag it was saved with)."""
+    """The optimizer's moments (AdamW's, and Muon's momentum) and the scaler's state from the checkpoint; the
+    hyperparameters stay this run's settings (loading an optimizer state would bring back the betas, weight decay,
+    learning rates and fused flag it was saved with)."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict, StateDictOptions
+    trained_with = checkpoint["config"].get("optimizer", "adamw")  # checkpoints from before Muon are AdamW's
+    optimizer_name = "muon" if isinstance(optimizer, OptimizerGroup) else "adamw"
+    if trained_with != optimizer_name:
+        raise UserError(f"the checkpoint was trained with --optimizer={trained_with}, whose state does not fit "
+                        f"--optimizer={optimizer_name}; resume with --optimizer={trained_with}")
     settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     set_optimizer_state_dict(raw_model, optimizer, checkpoint["optimizer"], options=StateDictOptions(full_state_dict=True))
     for group, own in zip(optimizer.param_groups, settings):
@@ -793,10 +836,7 @@ def main():
         first_iter, stop_requested, skipped_in_a_row = iter_num, False, 0
         t0 = time.time()
         while True:
-            lr = lr_at(iter_num, settings.learning_rate, settings.warmup_iters, settings.lr_decay_iters, settings.min_lr,
-                       settings.decay_lr)
-            for group in state.optimizer.param_groups:
-                group["lr"] = lr
+            lr = set_learning_rates(state.optimizer, iter_num, settings)
             if stop_requested:  # nothing but the checkpoint: torchrun and SLURM kill 30 s after their signal
                 save_run(state, iter_num, best_val_loss, evaluated=False)
                 log.print(f"stopped at step {iter_num} on a signal; checkpoint saved to {ckpt_path}. "
