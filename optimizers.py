@@ -24,13 +24,14 @@ def _sharded(p):
 
 class Muon(torch.optim.Muon if muon_available() else object):
     """
-    torch.optim.Muon, whose own step runs on plain tensors (one process, DDP). On FSDP2's DTensors it
-    would run Newton-Schulz through DTensor's operator rules, one collective per matrix product, and its
-    results differ from one process's by more than bf16 rounding (measured: 1e-2 after one step at
-    lr 0.1). So a sharded parameter takes this path instead: the momentum and the Nesterov blend stay
-    sharded (elementwise), the blended update of each matrix is all-gathered (one matrix at a time, in
-    fp32), every process orthogonalises the whole matrix with torch's own iteration, and keeps its rows.
-    Per step that is one all-gather of each Muon matrix and, transiently, one whole matrix per process.
+    torch.optim.Muon. On plain tensors (one process, DDP) it is torch's own step. On FSDP2's DTensors torch's
+    step also runs, through DTensor's operator rules, and trains the same run (within 1e-5 of one process with
+    Newton-Schulz in float64, measured), but every matrix product of the iteration becomes collectives: one
+    step on two small matrices made 12 all-reduces and 15 all-gathers (CommDebugMode). So a sharded parameter
+    takes this path: the momentum and the Nesterov blend stay sharded (elementwise), the blended update of each
+    matrix is all-gathered once (in fp32), every process orthogonalises the whole matrix with torch's own
+    iteration, and keeps its rows. Per step that is one all-gather of each Muon matrix and, transiently, one
+    whole matrix per process.
     """
 
     @torch.no_grad()
