@@ -41,6 +41,8 @@ rope = False
 rope_theta = 10000.0
 n_kv_head = None  # None: n_head
 window = None  # None: full causal attention; W, or a tuple with one per layer
+qk_norm = False
+mlp_act = "gelu"  # 'gelu' | 'relu2'
 attn_impl = "auto"  # 'auto' | 'dense' | 'blocked' | 'flex' for windowed layers
 # train mode
 batch_size = 8
@@ -73,7 +75,7 @@ json_out = ""  # also append the results as one JSON line to this file
 
 # the settings above that are GPTConfig fields; tests/test_configurator.py checks that this is all of them
 MODEL_SETTINGS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "rope", "rope_theta",
-                  "n_kv_head", "window")
+                  "n_kv_head", "window", "qk_norm", "mlp_act")
 MODES = ("train", "attention", "generate")
 # the kernels --mode=attention times: the window W of --bench_window through each kernel, or no window
 ATTENTION_RUNS = {"full": (None, "dense"), "window-dense": ("window", "dense"), "window-blocked": ("window", "blocked"),

@@ -5,6 +5,10 @@ Starcoder2ForCausalLM checkpoints through `load_pretrained`, and export_hf.py wr
 
     learned positions, multi-head attention, no window          <-> GPT2LMHeadModel
     rotary, multi-head or grouped-query, one window or none     <-> Starcoder2ForCausalLM
+
+Both take mlp_act='gelu' or 'relu2' (their activation setting). qk_norm has no home: the transformers
+architectures with a per-head query/key norm pair it with RMSNorm blocks and gated MLPs (Qwen3, OLMo2) or
+use a mean-subtracting LayerNorm on the heads (Persimmon, StableLM), so it is refused.
 """
 
 import torch
@@ -14,6 +18,7 @@ from model import GPTConfig, ConfigError
 # nn.Linear weights that transformers' GPT-2 keeps in Conv1D modules, transposed
 GPT2_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 TANH_GELU_NAMES = ("gelu_pytorch_tanh", "gelu_new")  # transformers' names for our GELU, the tanh approximation
+RELU2_NAME = "relu2"  # transformers' ACT2FN name of relu(x)**2, our mlp_act="relu2"
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which every LayerNorm of model.py uses
 STARCODER2_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # our c_attn, stacked in this order
 HF_CLASS_NAMES = {"gpt2": "GPT2LMHeadModel", "starcoder2": "Starcoder2ForCausalLM"}
@@ -43,6 +48,17 @@ def add_zero_biases(sd, names):
 # -----------------------------------------------------------------------------
 # reading: a Hugging Face checkpoint -> GPTConfig and our state dict
 
+def _mlp_act(hf_config, field):
+    """Our mlp_act of a checkpoint's activation setting, after checking that we have it."""
+    name = getattr(hf_config, field)
+    _check_hf_field(hf_config, field, name in (*TANH_GELU_NAMES, RELU2_NAME), f"one of {(*TANH_GELU_NAMES, RELU2_NAME)}")
+    return "relu2" if name == RELU2_NAME else "gelu"
+
+
+def _hf_activation(config):
+    return RELU2_NAME if config.mlp_act == "relu2" else TANH_GELU_NAMES[0]
+
+
 def _check_hf_field(hf_config, field, ok, needed):
     if not ok:
         raise ConfigError(f"{hf_config.model_type} checkpoint has {field}={getattr(hf_config, field, None)!r}, but this GPT "
@@ -52,21 +68,21 @@ def _check_hf_field(hf_config, field, ok, needed):
 def _gpt2_config_args(hf_config):
     """GPTConfig arguments of a GPT2Config, after checking that its blocks are ours."""
     c = hf_config
-    _check_hf_field(c, "activation_function", c.activation_function in TANH_GELU_NAMES, f"one of {TANH_GELU_NAMES}")
+    mlp_act = _mlp_act(c, "activation_function")
     _check_hf_field(c, "layer_norm_epsilon", c.layer_norm_epsilon == LAYER_NORM_EPS, LAYER_NORM_EPS)
     _check_hf_field(c, "n_inner", c.n_inner in (None, 4 * c.n_embd), f"None or 4 * n_embd = {4 * c.n_embd}")
     _check_hf_field(c, "scale_attn_weights", c.scale_attn_weights, True)
     _check_hf_field(c, "scale_attn_by_inverse_layer_idx", not c.scale_attn_by_inverse_layer_idx, False)
     _check_hf_field(c, "tie_word_embeddings", c.tie_word_embeddings, True)
     return dict(n_layer=c.n_layer, n_head=c.n_head, n_kv_head=c.n_head, n_embd=c.n_embd,
-                block_size=c.n_positions, vocab_size=c.vocab_size, bias=True, dropout=0.0, rope=False)
+                block_size=c.n_positions, vocab_size=c.vocab_size, bias=True, dropout=0.0, rope=False, mlp_act=mlp_act)
 
 
 def _starcoder2_config_args(hf_config):
     """GPTConfig arguments of a Starcoder2Config, after checking that its blocks are ours (bias is
     settled once the weights are read)."""
     c = hf_config
-    _check_hf_field(c, "hidden_act", c.hidden_act in TANH_GELU_NAMES, f"one of {TANH_GELU_NAMES}")
+    mlp_act = _mlp_act(c, "hidden_act")
     _check_hf_field(c, "norm_epsilon", c.norm_epsilon == LAYER_NORM_EPS, LAYER_NORM_EPS)
     _check_hf_field(c, "intermediate_size", c.intermediate_size == 4 * c.hidden_size,
                     f"4 * hidden_size = {4 * c.hidden_size}")
@@ -80,7 +96,7 @@ def _starcoder2_config_args(hf_config):
     return dict(n_layer=c.num_hidden_layers, n_head=c.num_attention_heads, n_kv_head=c.num_key_value_heads,
                 n_embd=c.hidden_size, block_size=c.max_position_embeddings, vocab_size=c.vocab_size,
                 bias=True, dropout=0.0, rope=True, rope_theta=float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))),
-                window=c.sliding_window)
+                window=c.sliding_window, mlp_act=mlp_act)
 
 
 def _gpt2_to_ours(hf_sd):
@@ -184,6 +200,11 @@ def load_pretrained(model_class, name_or_path: str, override_args: dict | None =
 def target_architecture(config: GPTConfig) -> str:
     """'gpt2' or 'starcoder2' for a GPTConfig; a ConfigError naming the setting no architecture can hold."""
     windows = config.window if isinstance(config.window, tuple) else (config.window,) * config.n_layer
+    if config.qk_norm:
+        raise ConfigError("cannot export qk_norm=True: no transformers architecture holds a per-head RMS norm of queries "
+                          "and keys (without a learned scale) beside LayerNorm blocks and a plain MLP (Qwen3 and OLMo2 "
+                          "have RMSNorm blocks and gated MLPs, Persimmon and StableLM a mean-subtracting LayerNorm on the "
+                          "heads). Models trained with qk_norm=False export")
     if not config.rope:
         if config.n_kv_head != config.n_head:
             raise ConfigError(f"cannot export n_kv_head={config.n_kv_head} (grouped-query attention) with learned positions "
@@ -211,10 +232,10 @@ def hf_config_of(arch, config, n_tokens, eos_id):
     """The transformers config of the same model. Dropout maps onto the same three places (embeddings,
     attention probabilities, each block's two residual branches); GPT-2's Conv1D needs no setting."""
     from transformers import GPT2Config, Starcoder2Config
-    gelu = TANH_GELU_NAMES[0]
+    activation = _hf_activation(config)
     if arch == "gpt2":
         return GPT2Config(vocab_size=n_tokens, n_positions=config.block_size, n_embd=config.n_embd,
-                          n_layer=config.n_layer, n_head=config.n_head, n_inner=None, activation_function=gelu,
+                          n_layer=config.n_layer, n_head=config.n_head, n_inner=None, activation_function=activation,
                           resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
                           layer_norm_epsilon=LAYER_NORM_EPS, bos_token_id=eos_id, eos_token_id=eos_id,
                           tie_word_embeddings=True, architectures=[HF_CLASS_NAMES[arch]])
@@ -222,7 +243,7 @@ def hf_config_of(arch, config, n_tokens, eos_id):
     # when i - window < j <= i (transformers' masking_utils.sliding_window_overlay), so W maps to W
     return Starcoder2Config(vocab_size=n_tokens, hidden_size=config.n_embd, intermediate_size=4 * config.n_embd,
                             num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
-                            num_key_value_heads=config.n_kv_head, hidden_act=gelu,
+                            num_key_value_heads=config.n_kv_head, hidden_act=activation,
                             max_position_embeddings=config.block_size, norm_epsilon=LAYER_NORM_EPS,
                             rope_parameters={"rope_type": "default", "rope_theta": float(config.rope_theta)},
                             sliding_window=common_window(config), use_bias=config.bias,

@@ -5,6 +5,11 @@ GPT-2 written from scratch, in one file, with three optional architectural chang
 - n_kv_head: grouped-query attention (n_kv_head=1 is multi-query, n_kv_head=n_head is plain MHA)
 - window:    causal sliding-window attention, for all layers or chosen per layer
 
+and two from the recent speedruns (modded-nanogpt, nanochat):
+
+- qk_norm:   queries and keys RMS-normalised per head (no learned scale) before the rotary embedding
+- mlp_act:   the MLP's activation, GELU (GPT-2's tanh approximation) or ReLU² (relu(x)**2)
+
 With all three off this is exactly GPT-2, with GPT-2's parameter names, so OpenAI's checkpoints
 load one to one (GPT.from_pretrained). Generation uses a key/value cache (KVCache) whose windowed
 layers keep a rolling buffer of the last `window` positions.
@@ -13,6 +18,7 @@ References:
 1) OpenAI's GPT-2 TensorFlow code: https://github.com/openai/gpt-2/blob/master/src/model.py
 2) RoFormer (rotary embeddings): https://arxiv.org/abs/2104.09864
 3) GQA: https://arxiv.org/abs/2305.13245 ; Longformer / Mistral sliding windows: https://arxiv.org/abs/2004.05150
+4) QK-norm: https://arxiv.org/abs/2302.05442 ; ReLU²: https://arxiv.org/abs/2109.08668 (Primer)
 """
 
 import math
@@ -32,6 +38,8 @@ class ConfigError(ValueError):
 
 
 GPT2_VOCAB_SIZE = 50257  # GPT-2's BPE: 50,000 merges, 256 bytes and <|endoftext|>
+MLP_ACTIVATIONS = ("gelu", "relu2")  # GPTConfig.mlp_act: GELU's tanh approximation (GPT-2's), relu(x)**2
+QK_NORM_EPS = 1e-6  # added to the mean square of each query/key head before the reciprocal square root
 PADDED_GPT2_VOCAB_SIZE = 50304  # the same padded up to a multiple of 64: faster matmuls, unused rows never trained
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's checkpoints, by their hub names
 
@@ -51,6 +59,8 @@ class GPTConfig:
     # None: full causal attention. An int W: every layer sees itself and the W-1 tokens before it.
     # A tuple/list with one entry per layer (int or None) mixes local and global layers.
     window: int | tuple | list | None = None
+    qk_norm: bool = False  # RMS-normalise each query and key head (no learned scale) before the rotary embedding
+    mlp_act: str = "gelu"  # one of MLP_ACTIVATIONS
 
     # the fields a pretrained checkpoint lets a user change when loading it; its weights fix the others
     PRETRAINED_OVERRIDES = ("block_size", "dropout", "n_kv_head", "window")
@@ -72,6 +82,10 @@ class GPTConfig:
             raise ConfigError(f"rope needs an even head dimension, got n_embd/n_head = {self.head_dim}")
         if self.rope and not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
             raise ConfigError(f"GPTConfig.rope_theta must be a positive finite number, got {self.rope_theta!r}")
+        if not isinstance(self.qk_norm, bool):
+            raise ConfigError(f"GPTConfig.qk_norm must be True or False, got {self.qk_norm!r}")
+        if self.mlp_act not in MLP_ACTIVATIONS:
+            raise ConfigError(f"GPTConfig.mlp_act must be one of {', '.join(MLP_ACTIVATIONS)}, got {self.mlp_act!r}")
         windows = self.window if isinstance(self.window, (tuple, list)) else [self.window]
         if isinstance(self.window, (tuple, list)):
             if len(self.window) != self.n_layer:
@@ -329,6 +343,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.layer_idx, self.window, self.dropout = layer_idx, config.layer_window(layer_idx), config.dropout
+        self.qk_norm = config.qk_norm
         # queries, keys and values in one projection, as GPT-2: [q (n_head*hd) | k (n_kv*hd) | v (n_kv*hd)]
         self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * self.head_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -343,6 +358,8 @@ class CausalSelfAttention(nn.Module):
             qkv = qkv.float()  # one cast for q, k and v (and rope) instead of one per tensor in causal_attention
         heads = qkv.view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
         qk, v = heads.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=2)
+        if self.qk_norm:  # before the rotation, though a rotation keeps the norm: the order does not matter
+            qk = F.rms_norm(qk, (self.head_dim,), eps=QK_NORM_EPS)
         if rope is not None:
             qk = apply_rope(qk, *rope)  # q and k in one pass, against tables (T, 1, D)
         q, k = qk.split([self.n_head, self.n_kv_head], dim=2)
@@ -377,9 +394,12 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.act = config.mlp_act
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        h = self.c_fc(x)
+        h = F.gelu(h, approximate="tanh") if self.act == "gelu" else F.relu(h).square()
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -504,15 +524,31 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------------
     # Training helpers
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, fused=None):
-        """AdamW with weight decay on matrices and embeddings (dim >= 2) only; the fused kernel on CUDA and CPUs."""
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, fused=None, muon=None):
+        """
+        AdamW with weight decay on matrices and embeddings (dim >= 2) only; the fused kernel on CUDA and CPUs.
+        muon: None, or the keyword arguments of optimizers.Muon (lr, momentum, ns_steps, weight_decay) for the
+        weight matrices inside the blocks; AdamW then keeps the embeddings (and so the tied lm_head), norms and
+        biases, as modded-nanogpt and nanochat split them, and both step together as an OptimizerGroup.
+        Every param group records its peak_lr: the schedule scales each group's from there by one factor.
+        """
         params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
+        matrices = {id(p) for p in self.transformer.h.parameters() if p.dim() == 2} if muon is not None else set()
+        adam_params = [p for p in params if id(p) not in matrices]
+        decay = [p for p in adam_params if p.dim() >= 2]
+        no_decay = [p for p in adam_params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if fused is None:  # one kernel for every parameter, faster than the per-tensor loop on CPUs too
             fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
+        if muon is None:
+            optimizer = adamw
+        else:
+            from optimizers import Muon, OptimizerGroup
+            optimizer = OptimizerGroup(adamw, Muon([p for p in params if id(p) in matrices], nesterov=True, **muon))
+        for group in optimizer.param_groups:
+            group["peak_lr"] = group["lr"]
+        return optimizer
 
     def flops_per_token(self, seq_len):
         """Training FLOPs per token (forward + backward): 6 per weight plus the attention scores (PaLM, appendix B)."""

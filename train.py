@@ -29,7 +29,7 @@ import threading
 import traceback
 import uuid
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from model import GPT, GPTConfig, ConfigError, ATTENTION_IMPLS, GPT2_NAMES, PADDED_GPT2_VOCAB_SIZE
 from configurator import apply_overrides
+from optimizers import OptimizerGroup, muon_available
 from eval_hellaswag import load_hellaswag, evaluate_hellaswag, example_rows
 from common import (UserError, run_main, range_check, pick_device, pick_dtype, autocast_context, checkpoint_path,
                     save_checkpoint, load_checkpoint, new_model, load_trained, load_pretrained, read_char_vocab,
@@ -81,15 +82,24 @@ rope = False  # rotary position embedding instead of the learned position table
 rope_theta = 10000.0
 n_kv_head = None  # None: n_head (multi-head attention); fewer: grouped-query attention
 window = None  # None: full causal attention; W: each token sees itself and W-1 before it; a tuple: one per layer
+qk_norm = False  # RMS-normalise each query and key head before attention (modded-nanogpt, Qwen3)
+mlp_act = "gelu"  # 'gelu' | 'relu2' (relu(x)**2)
 attn_impl = "auto"  # 'auto' | 'dense' | 'blocked' | 'flex' for windowed layers
-# AdamW
-learning_rate = 6e-4
+# optimizer: 'adamw' for every parameter, or 'muon': Muon for the weight matrices inside the blocks, AdamW for
+# the embeddings (and the tied lm_head), norms and biases
+optimizer = "adamw"
+learning_rate = 6e-4  # AdamW's peak learning rate
 max_iters = 600000
-weight_decay = 1e-1
+weight_decay = 1e-1  # AdamW's, on matrices and embeddings
 beta1 = 0.9
 beta2 = 0.95
-grad_clip = 1.0  # 0 disables clipping
-# learning-rate schedule: linear warmup, then cosine decay to min_lr; decay_lr=False keeps learning_rate throughout
+grad_clip = 1.0  # 0 disables clipping (all parameters, before either optimizer steps)
+muon_lr = 0.02  # Muon's peak learning rate; the schedule scales it by the same factor as learning_rate
+muon_momentum = 0.95  # Nesterov momentum
+muon_ns_steps = 5  # Newton-Schulz iterations per update
+muon_weight_decay = 0.0  # decoupled, as AdamW's: each step multiplies the matrices by 1 - lr * muon_weight_decay
+# learning-rate schedule: linear warmup, then cosine decay to min_lr; decay_lr=False keeps learning_rate throughout.
+# Muon's follows the same curve from muon_lr down to min_lr * muon_lr / learning_rate
 decay_lr = True
 warmup_iters = 2000
 lr_decay_iters = 600000
@@ -110,7 +120,8 @@ seed = 1337
 # -----------------------------------------------------------------------------
 
 # the settings above that are GPTConfig fields; tests/test_configurator.py checks that this is all of them
-MODEL_SETTINGS = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "rope", "rope_theta", "n_kv_head", "window")
+MODEL_SETTINGS = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "rope", "rope_theta", "n_kv_head", "window",
+                  "qk_norm", "mlp_act")
 
 
 def validate_settings(settings):
@@ -129,6 +140,17 @@ def validate_settings(settings):
         need(settings.lr_decay_iters >= settings.warmup_iters, "lr_decay_iters",
              f"use at least warmup_iters={settings.warmup_iters}: the cosine decay starts where the warmup ends")
     need(math.isfinite(settings.weight_decay) and settings.weight_decay >= 0, "weight_decay", "use a number >= 0")
+    need(settings.optimizer in OPTIMIZERS, "optimizer", f"use one of {', '.join(OPTIMIZERS)}")
+    if settings.optimizer == "muon":  # Muon's settings; with AdamW alone they are unused
+        if not muon_available():
+            raise UserError(f"--optimizer=muon needs torch.optim.Muon (PyTorch >= 2.9), this is PyTorch {torch.__version__}; "
+                            f"upgrade torch or use --optimizer=adamw")
+        need(math.isfinite(settings.muon_lr) and settings.muon_lr > 0, "muon_lr", "use a positive number")
+        need(0 <= settings.muon_momentum < 1, "muon_momentum", "use a number in [0, 1)")
+        need(isinstance(settings.muon_ns_steps, int) and 1 <= settings.muon_ns_steps <= 99, "muon_ns_steps",
+             "use an integer in [1, 99] (5 is Muon's usual)")
+        need(math.isfinite(settings.muon_weight_decay) and settings.muon_weight_decay >= 0, "muon_weight_decay",
+             "use a number >= 0")
     for key in ("beta1", "beta2"):
         need(0 <= getattr(settings, key) < 1, key, "use a number in [0, 1)")
     need(math.isfinite(settings.grad_clip) and settings.grad_clip >= 0, "grad_clip", "use a number > 0, or 0 to disable clipping")
@@ -164,6 +186,9 @@ def validate_settings(settings):
             import wandb  # noqa: F401
         except ImportError:
             raise UserError("--wandb_log=True needs the wandb package: pip install wandb, or set --wandb_log=False") from None
+
+
+OPTIMIZERS = ("adamw", "muon")
 
 
 def lr_at(step, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr=True):
@@ -577,7 +602,8 @@ def adopt_checkpoint_settings(settings, assigned, checkpoint, ckpt_path):
     line) that differs from it is refused, in one line naming each field with both values; the unset ones,
     and seed and dropout when unset, are taken from it. Dropout as set is the model's from now on.
     """
-    saved = checkpoint["model_args"]
+    # a checkpoint from before a field existed was trained with that field's default
+    saved = {**{f.name: f.default for f in fields(GPTConfig)}, **checkpoint["model_args"]}
     wanted = dict(saved, **{key: getattr(settings, key) for key in ARCHITECTURE_SETTINGS if key in assigned})
     if wanted["n_kv_head"] is None:  # None means n_head, as GPTConfig reads it
         wanted["n_kv_head"] = wanted["n_head"]
@@ -660,10 +686,25 @@ def wrap_model(model, processes, settings, device_type, ptdtype):
 
 
 def build_optimizer(model, settings, device_type):
-    """AdamW (model.configure_optimizers) with this run's settings; FSDP's sharded parameters take the
-    per-tensor implementation."""
+    """AdamW, or AdamW and Muon (model.configure_optimizers), with this run's settings; FSDP's sharded parameters
+    take AdamW's per-tensor implementation."""
+    muon = None
+    if settings.optimizer == "muon":
+        muon = dict(lr=settings.muon_lr, momentum=settings.muon_momentum, ns_steps=settings.muon_ns_steps,
+                    weight_decay=settings.muon_weight_decay)
     return model.configure_optimizers(settings.weight_decay, settings.learning_rate, (settings.beta1, settings.beta2),
-                                      device_type, fused=False if settings.fsdp else None)
+                                      device_type, fused=False if settings.fsdp else None, muon=muon)
+
+
+def set_learning_rates(optimizer, step, settings):
+    """Every param group at `step` of the schedule, from its own peak_lr: AdamW's groups follow lr_at exactly,
+    Muon's the same curve scaled by muon_lr / learning_rate. Returns AdamW's (the logged lr)."""
+    for group in optimizer.param_groups:
+        ratio = group["peak_lr"] / settings.learning_rate  # 1.0 exactly for AdamW's groups
+        group["lr"] = lr_at(step, group["peak_lr"], settings.warmup_iters, settings.lr_decay_iters,
+                            settings.min_lr * ratio, settings.decay_lr)
+    return lr_at(step, settings.learning_rate, settings.warmup_iters, settings.lr_decay_iters, settings.min_lr,
+                 settings.decay_lr)
 
 
 @dataclass
@@ -673,7 +714,7 @@ class TrainState:
     model: GPT  # the model itself: its parameters, the optimizer's, checkpoints, HellaSwag at any length
     wrapped: torch.nn.Module  # the DDP/FSDP module around it (the model itself on one process): gradient sync
     runner: torch.nn.Module  # what runs the training and evaluation batches: `wrapped`, compiled when compile is on
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | OptimizerGroup  # AdamW, or AdamW and Muon
     scaler: torch.amp.GradScaler
     processes: Processes
     autocast: AbstractContextManager
@@ -831,9 +872,15 @@ def on_rank_0_for_all(action, processes):
 
 
 def restore_training_state(checkpoint, raw_model, optimizer, scaler):
-    """AdamW's moments and the scaler's state from the checkpoint; the hyperparameters stay this run's settings
-    (loading an optimizer state would bring back the betas, weight decay and fused flag it was saved with)."""
+    """The optimizer's moments (AdamW's, and Muon's momentum) and the scaler's state from the checkpoint; the
+    hyperparameters stay this run's settings (loading an optimizer state would bring back the betas, weight decay,
+    learning rates and fused flag it was saved with)."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict, StateDictOptions
+    trained_with = checkpoint["config"].get("optimizer", "adamw")  # checkpoints from before Muon are AdamW's
+    optimizer_name = "muon" if isinstance(optimizer, OptimizerGroup) else "adamw"
+    if trained_with != optimizer_name:
+        raise UserError(f"the checkpoint was trained with --optimizer={trained_with}, whose state does not fit "
+                        f"--optimizer={optimizer_name}; resume with --optimizer={trained_with}")
     settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     set_optimizer_state_dict(raw_model, optimizer, checkpoint["optimizer"], options=StateDictOptions(full_state_dict=True))
     for group, own in zip(optimizer.param_groups, settings):
@@ -1030,9 +1077,7 @@ def train_loop(state, batches, log, position, hellaswag):
     first_step, skipped_in_a_row, stop_requested, t0 = position.step, 0, False, time.time()
     while True:
         step = position.step
-        lr = lr_at(step, settings.learning_rate, settings.warmup_iters, settings.lr_decay_iters, settings.min_lr, settings.decay_lr)
-        for group in state.optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_learning_rates(state.optimizer, step, settings)
         last_step = step >= settings.max_iters
         due = lambda interval: (step % interval == 0 or last_step or settings.eval_only) and step != position.evaluated_step
         try:

@@ -55,7 +55,16 @@ def gelu_tanh(x):
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-def reference_forward(model, idx, rope, n_head, n_kv_head, windows, theta=10000.0):
+def rms_per_head(x, eps=1e-6):
+    """Each head's vector divided by its root mean square (QK-norm without a learned scale)."""
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+
+
+def relu_squared(x):
+    return torch.where(x > 0, x * x, torch.zeros_like(x))
+
+
+def reference_forward(model, idx, rope, n_head, n_kv_head, windows, theta=10000.0, qk_norm=False, mlp_act="gelu"):
     """The whole model by hand from its parameters. windows: one entry per layer."""
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     B, T = idx.shape
@@ -74,13 +83,16 @@ def reference_forward(model, idx, rope, n_head, n_kv_head, windows, theta=10000.
         k = qkv[..., n_head * D:(n_head + n_kv_head) * D].reshape(B, T, n_kv_head, D).transpose(1, 2)
         v = qkv[..., (n_head + n_kv_head) * D:].reshape(B, T, n_kv_head, D).transpose(1, 2)
         assert v.shape[-1] == D
+        if qk_norm:
+            q, k = rms_per_head(q), rms_per_head(k)
         if rope:
             q, _ = apply_rotary_pos_emb(q, q, cos[None], sin[None])
             k, _ = apply_rotary_pos_emb(k, k, cos[None], sin[None])
         y = naive_attention(q, k, v, window).transpose(1, 2).reshape(B, T, C)
         x = x + y @ sd[p + "attn.c_proj.weight"].t() + sd[p + "attn.c_proj.bias"]
         h = layer_norm(x, sd[p + "ln_2.weight"], sd[p + "ln_2.bias"])
-        h = gelu_tanh(h @ sd[p + "mlp.c_fc.weight"].t() + sd[p + "mlp.c_fc.bias"])
+        h = h @ sd[p + "mlp.c_fc.weight"].t() + sd[p + "mlp.c_fc.bias"]
+        h = gelu_tanh(h) if mlp_act == "gelu" else relu_squared(h)
         x = x + h @ sd[p + "mlp.c_proj.weight"].t() + sd[p + "mlp.c_proj.bias"]
     x = layer_norm(x, sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"])
     return x @ sd["transformer.wte.weight"].t()
@@ -113,6 +125,29 @@ def test_model_matches_reference_forward(rope, n_kv_head, window, impl):
     ref = reference_forward(model, idx, rope, 4, n_kv_head or 4, per_layer(window, 2))
     assert ref.std() > 0.5
     torch.testing.assert_close(logits_of(model, idx), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("qk_norm, mlp_act", [(True, "gelu"), (False, "relu2"), (True, "relu2")])
+@pytest.mark.parametrize("rope, n_kv_head, window", [(False, None, None), (True, 2, 3), (True, 1, (2, None)), (False, 2, 3)])
+def test_qk_norm_and_relu2_match_reference_forward(rope, n_kv_head, window, qk_norm, mlp_act):
+    model = tiny_model(rope=rope, n_kv_head=n_kv_head, window=window, qk_norm=qk_norm, mlp_act=mlp_act)
+    idx = torch.randint(0, 64, (2, 13), generator=torch.Generator().manual_seed(1))
+    ref = reference_forward(model, idx, rope, 4, n_kv_head or 4, per_layer(window, 2), qk_norm=qk_norm, mlp_act=mlp_act)
+    plain = reference_forward(model, idx, rope, 4, n_kv_head or 4, per_layer(window, 2))
+    assert (ref - plain).abs().max() > 0.1  # the setting changes the function: the comparison below can tell
+    torch.testing.assert_close(logits_of(model, idx), ref, atol=1e-5, rtol=0)
+
+
+def test_qk_norm_makes_attention_independent_of_query_and_key_scale():
+    """Scaling the query and key rows of c_attn leaves a QK-normed model unchanged (up to the eps)."""
+    model = tiny_model(rope=True, qk_norm=True)
+    idx = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(2))
+    before = logits_of(model, idx)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_attn.weight[:64] *= 7.0
+            block.attn.c_attn.bias[:64] *= 7.0
+    torch.testing.assert_close(logits_of(model, idx), before, atol=1e-4, rtol=0)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

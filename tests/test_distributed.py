@@ -76,9 +76,9 @@ def final_weights(out_dir):
     return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
 
 
-def assert_close_runs(a, b, tol=1e-5):
+def assert_close_runs(a, b, tol=1e-5, weight_tol=None, steps=STEPS):
     la, lb = records(a, "loss"), records(b, "loss")
-    assert la.keys() == lb.keys() and len(la) == STEPS
+    assert la.keys() == lb.keys() and len(la) == steps
     for step in la:
         assert abs(la[step] - lb[step]) <= tol, (step, la[step], lb[step])
     for key in ("val_loss", "grad_norm"):
@@ -89,9 +89,9 @@ def assert_close_runs(a, b, tol=1e-5):
     wa, wb = final_weights(a), final_weights(b)
     assert wa.keys() == wb.keys()
     for name in wa:
-        assert (wa[name] - wb[name]).abs().max().item() <= tol, name
+        assert (wa[name] - wb[name]).abs().max().item() <= (weight_tol or tol), name
     # and the runs really trained: the weights moved from their initial values
-    assert la[STEPS - 1] < la[0]
+    assert la[steps - 1] < la[0]
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +202,40 @@ def test_fsdp_without_torchrun_is_a_clear_error(data_root, tmp_path):
     result = run_script("train.py", *TINY, f"--data_root={data_root}", f"--out_dir={tmp_path / 'out'}", "--fsdp=True")
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: --fsdp=True needs several processes") and "Traceback" not in result.stderr
+
+
+# -----------------------------------------------------------------------------
+# Muon: DDP steps torch.optim.Muon on all-reduced gradients; FSDP gathers each matrix's update (optimizers.Muon)
+
+MUON = ["--optimizer=muon", "--muon_lr=0.02", "--max_iters=20", "--eval_interval=10", "--gradient_accumulation_steps=4"]
+FLOAT64_NS = "tests/float64_newton_schulz.py"  # train.py with Newton-Schulz in float64 instead of bfloat16
+
+
+def train_muon(data_root, out_dir, nproc, script, *extra):
+    args = [script, *TINY, f"--data_root={data_root}", f"--out_dir={out_dir}", *MUON, *extra]
+    result = subprocess.run([sys.executable, *args], cwd=REPO, env=script_env(), capture_output=True, text=True,
+                            timeout=240) if nproc == 1 else torchrun(nproc, *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def single_muon(data_root, tmp_path_factory):
+    """One process with Muon, 20 steps: with Newton-Schulz in float64, and as torch runs it (bfloat16)."""
+    return {script: train_muon(data_root, str(tmp_path_factory.mktemp("single_muon")), 1, script)
+            for script in (FLOAT64_NS, "train.py")}
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process_with_muon(data_root, single_muon, tmp_path, mode):
+    """
+    With Newton-Schulz in float64 the distribution is exact to 1e-5 (measured 2e-7 after 20 steps: the order of
+    gradient summation). torch's bfloat16 iteration rounds those different inputs differently and amplifies
+    that in the directions of small singular values: measured 3e-5 in the losses, 1.3e-4 in the gradient norms and
+    1e-3 (DDP), 2e-3 (FSDP) in the weights after 20 steps at muon_lr 0.02, all of it from the bfloat16 arithmetic.
+    """
+    flag = ["--fsdp=True"] if mode == "fsdp" else []
+    exact = train_muon(data_root, str(tmp_path / "float64"), 2, FLOAT64_NS, *flag)
+    assert_close_runs(single_muon[FLOAT64_NS], exact, tol=1e-5, steps=20)
+    bf16 = train_muon(data_root, str(tmp_path / "bfloat16"), 2, "train.py", *flag)
+    assert_close_runs(single_muon["train.py"], bf16, tol=1e-3, weight_tol=0.01, steps=20)

@@ -41,7 +41,11 @@ VARIANTS = {
     "rope-gqa-window": (dict(vocab_size=65, rope=True, n_kv_head=2, window=8), "char", "Starcoder2ForCausalLM"),
     "rope-mqa-window-per-layer": (dict(vocab_size=65, rope=True, n_kv_head=1, window=(6, 6)), "char",
                                   "Starcoder2ForCausalLM"),
+    "gpt2-char-relu2": (dict(vocab_size=65, mlp_act="relu2"), "char", "GPT2LMHeadModel"),
+    "rope-gqa-window-relu2": (dict(vocab_size=65, rope=True, n_kv_head=2, window=8, mlp_act="relu2"), "char",
+                              "Starcoder2ForCausalLM"),
 }
+HF_ACTIVATIONS = {"gelu": "gelu_pytorch_tanh", "relu2": "relu2"}  # our mlp_act -> transformers' ACT2FN name
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +113,9 @@ def test_folder_architecture_and_tied_weights(exported):
         assert config["num_key_value_heads"] == model.config.n_kv_head
         assert config["sliding_window"] == model.config.layer_window(0)
         assert config["rope_parameters"]["rope_theta"] == config["rope_theta"] == model.config.rope_theta
-        assert config["use_bias"] is model.config.bias and config["hidden_act"] == "gelu_pytorch_tanh"
+        assert config["use_bias"] is model.config.bias and config["hidden_act"] == HF_ACTIVATIONS[model.config.mlp_act]
+    else:
+        assert config["activation_function"] == HF_ACTIVATIONS[model.config.mlp_act]
 
 
 def test_logits_match_transformers(exported):
@@ -161,8 +167,8 @@ def test_from_pretrained_reads_the_export_back(exported):
     _, model, folder, chars, n_tokens = exported
     back = GPT.from_pretrained(folder).eval()
     cfg, ours = back.config, model.config
-    assert (cfg.rope, cfg.rope_theta if cfg.rope else None, cfg.n_kv_head, cfg.window, cfg.vocab_size) == \
-           (ours.rope, ours.rope_theta if ours.rope else None, ours.n_kv_head, ours.layer_window(0), n_tokens)
+    assert (cfg.rope, cfg.rope_theta if cfg.rope else None, cfg.n_kv_head, cfg.window, cfg.vocab_size, cfg.mlp_act) == \
+           (ours.rope, ours.rope_theta if ours.rope else None, ours.n_kv_head, ours.layer_window(0), n_tokens, ours.mlp_act)
     idx = sequences(n_tokens, seed=3)
     torch.testing.assert_close(logits_of(back, idx), logits_of(model, idx)[..., :n_tokens], atol=1e-5, rtol=0)
     assert load_model(folder).chars == chars  # sample.py and train.py get the character list too
@@ -254,6 +260,8 @@ REFUSED = {
     "gqa-learned-positions": (dict(n_kv_head=2), ["n_kv_head=2", "rope=False", "Starcoder2ForCausalLM"]),
     "window-learned-positions": (dict(window=8), ["window=8", "rope=False", "GPT2LMHeadModel"]),
     "mixed-windows": (dict(rope=True, window=(8, None)), ["window=[8, None]", "sliding_window"]),
+    "qk-norm": (dict(rope=True, qk_norm=True), ["qk_norm=True", "Qwen3", "with qk_norm=False export"]),
+    "qk-norm-learned-positions": (dict(qk_norm=True, mlp_act="relu2"), ["qk_norm=True"]),
 }
 
 

@@ -220,3 +220,24 @@ def test_gpt2_fineweb_config(tmp_path, monkeypatch):
     assert s["dataset"] == "fineweb_edu" and s["data_root"] == os.path.join(REPO, "data")
     assert s["hellaswag_path"] == os.path.join(REPO, "data", "hellaswag", "hellaswag_val.jsonl")
     assert s["hellaswag_interval"] > 0 and s["eval_interval"] > 0
+
+
+def test_speedrun_config_is_the_fineweb_recipe_with_the_speedrun_choices(tmp_path, monkeypatch):
+    """config/speedrun_gpt2_fineweb.py: the same data, batch and evaluation as config/train_gpt2_fineweb.py, with
+    Muon, rope, QK-norm and ReLU², settings that pass train.py's validation and make a valid 124M model."""
+    from types import SimpleNamespace
+    import train
+    from configurator import apply_overrides
+    from model import GPTConfig, PADDED_GPT2_VOCAB_SIZE
+    monkeypatch.chdir(tmp_path)
+    recipe = apply_overrides(dict(vars(train)), [os.path.join(REPO, "config", "train_gpt2_fineweb.py")])
+    speedrun = apply_overrides(dict(vars(train)), [os.path.join(REPO, "config", "speedrun_gpt2_fineweb.py")])
+    same = ("dataset", "data_root", "batch_size", "block_size", "gradient_accumulation_steps", "eval_interval",
+            "eval_iters", "hellaswag_interval", "hellaswag_path")
+    assert {k: speedrun[k] for k in same} == {k: recipe[k] for k in same}
+    assert (speedrun["optimizer"], speedrun["rope"], speedrun["qk_norm"], speedrun["mlp_act"]) == ("muon", True, True, "relu2")
+    assert speedrun["max_iters"] < recipe["max_iters"] and speedrun["lr_decay_iters"] == speedrun["max_iters"]
+    settings = {k: speedrun[k] for k in vars(train) if k in speedrun}
+    train.validate_settings(SimpleNamespace(**dict(settings, hellaswag_interval=0, out_dir=str(tmp_path / "out"))))
+    config = GPTConfig(**{k: speedrun[k] for k in train.MODEL_SETTINGS}, vocab_size=PADDED_GPT2_VOCAB_SIZE)
+    assert (config.n_layer, config.n_head, config.n_embd) == (12, 12, 768)

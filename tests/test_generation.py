@@ -59,6 +59,15 @@ def test_kv_cache_steps_match_uncached_forward(rope, n_kv_head, window):
         assert cache.keys[layer].shape[2] == (26 if w is None else w)
 
 
+@pytest.mark.parametrize("rope, n_kv_head, window", [(True, 2, 3), (True, None, (2, None)), (False, 1, None), (False, None, 6)])
+@pytest.mark.parametrize("qk_norm, mlp_act", [(True, "gelu"), (True, "relu2")])
+def test_kv_cache_with_qk_norm_and_relu2_matches_uncached_forward(rope, n_kv_head, window, qk_norm, mlp_act):
+    model = tiny_model(rope=rope, n_kv_head=n_kv_head, window=window, qk_norm=qk_norm, mlp_act=mlp_act)
+    check_steps_match_uncached(model, tokens(2, 20), prompt_len=5, max_positions=20)
+    prompt = tokens(2, 5, seed=1)
+    assert model.generate(prompt, 15, temperature=0).tolist() == model.generate(prompt, 15, temperature=0, use_cache=False).tolist()
+
+
 @pytest.mark.parametrize("n_kv_head, window", [(None, None), (2, 3), (1, (3, None)), (2, (None, 6))])
 def test_kv_cache_rope_beyond_block_size(n_kv_head, window):
     model = tiny_model(rope=True, n_kv_head=n_kv_head, window=window, block_size=16)

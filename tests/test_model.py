@@ -301,6 +301,8 @@ def test_n_kv_head_equal_to_n_head_loads_gpt2_unchanged(tiny_checkpoint):
     (dict(rope=True, n_head=4, n_embd=12), "rope"),  # head_dim 3
     (dict(rope=True, rope_theta=0.0, n_head=4, n_embd=32), "rope_theta"),
     (dict(dropout=1.0), "dropout"),
+    (dict(qk_norm="yes"), "qk_norm"),
+    (dict(mlp_act="relu"), "mlp_act"),
 ])
 def test_config_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

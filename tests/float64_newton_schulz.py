@@ -1,0 +1,32 @@
+"""
+Runs train.py (arguments as given) with torch.optim.Muon's bfloat16 Newton-Schulz iteration replaced by the
+same quintic iteration in float64. The DDP/FSDP tests run Muon both ways: how far two ranks are from one
+process with float64 is the distribution's own error; the rest of the bfloat16 difference is the iteration's
+rounding of inputs that differ by the order of gradient summation.
+"""
+
+import os
+import sys
+import runpy
+
+import torch.optim._muon as torch_muon
+
+
+def float64_newton_schulz(grad, coefficients, steps, eps):
+    a, b, c = coefficients
+    X = grad.double()
+    tall = X.size(0) > X.size(1)
+    if tall:
+        X = X.T
+    X = X / X.norm().clamp(min=eps)
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.T if tall else X).to(grad.dtype)
+
+
+torch_muon._zeropower_via_newtonschulz = float64_newton_schulz
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.argv = [os.path.join(REPO, "train.py"), *sys.argv[1:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
