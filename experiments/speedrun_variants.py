@@ -32,7 +32,7 @@ RECIPE = ["--init_from=scratch", "--dataset=shakespeare_char", "--device=cpu", "
           "--n_head=4", "--n_embd=128", "--dropout=0.0", "--bias=True", "--rope=False", "--n_kv_head=None",
           "--window=None", "--learning_rate=1e-3", "--weight_decay=0.1", "--beta1=0.9", "--beta2=0.99",
           "--grad_clip=1.0", "--decay_lr=True", "--min_lr=1e-4", "--eval_iters=40",
-          "--log_interval=1", "--always_save_checkpoint=False", "--muon_lr=0.02", "--muon_momentum=0.95",
+          "--log_interval=1", "--muon_lr=0.02", "--muon_momentum=0.95",
           "--muon_ns_steps=5", "--muon_weight_decay=0.0"]
 OFF = ["--optimizer=adamw", "--qk_norm=False", "--mlp_act=gelu"]
 VARIANTS = {

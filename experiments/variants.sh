@@ -16,7 +16,7 @@ recipe=(
   --n_layer=4 --n_head=4 --n_embd=128 --dropout=0.0 --bias=True --rope_theta=10000.0
   --learning_rate=1e-3 --max_iters=2000 --weight_decay=0.1 --beta1=0.9 --beta2=0.99 --grad_clip=1.0
   --decay_lr=True --warmup_iters=100 --lr_decay_iters=2000 --min_lr=1e-4
-  --eval_interval=250 --eval_iters=100 --log_interval=100 --always_save_checkpoint=False
+  --eval_interval=250 --eval_iters=100 --log_interval=100
 )
 declare -A flags=(
   [baseline]="--rope=False --n_kv_head=None --window=None"
