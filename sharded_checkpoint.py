@@ -16,7 +16,6 @@ JSON, DCP's index is unpickled with only DCP's own metadata classes allowed, and
 """
 
 import io
-import contextlib
 import os
 import json
 import time
@@ -35,6 +34,8 @@ from common import UserError, sharded_path, SHARDED_INDEX_NAME as INDEX_NAME
 
 STEP_PREFIX = "step-"
 SHARDED = StateDictOptions(full_state_dict=False)  # each process's own shards, never a gathered copy
+# one process reading a checkpoint alone is what is meant; DCP warns that it assumes so (from its writer thread too)
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized", category=UserWarning)
 
 
 def remove_other_format(path: str, written: str) -> None:
@@ -128,8 +129,7 @@ def load_into(path: str, state: dict, index: dict | None = None) -> None:
     index = index or read_index(path)
     shard_metadata(path, index)  # checked here: DCP would unpickle it itself
     try:
-        with quiet_when_alone() as alone:
-            dcp.load(state, storage_reader=shard_reader(path, index), no_dist=alone)
+        dcp.load(state, storage_reader=shard_reader(path, index), no_dist=alone())
     except dcp.api.CheckpointException as e:
         raise UserError(f"the shards of {path} do not fit this model or are damaged "
                         f"({str(e).strip().splitlines()[-1][:200]}); restore them from a backup or train again") from None
@@ -215,12 +215,10 @@ class ShardedCheckpointer:
         state, _ = training_state(model, optimizer)
         writer = dcp.FileSystemWriter(folder)
         if not self.asynchronous:
-            with quiet_when_alone() as alone:
-                dcp.save(state, storage_writer=writer, no_dist=alone)
+            dcp.save(state, storage_writer=writer, no_dist=alone())
             self._commit(path, step_name, values)
             return
-        with quiet_when_alone() as alone:
-            written = dcp.async_save(state, storage_writer=writer, process_group=self.group, no_dist=alone)
+        written = dcp.async_save(state, storage_writer=writer, process_group=self.group, no_dist=alone())
         upload = getattr(written, "upload_completion", written)  # a Future, or an AsyncSaveResponse's upload
         self.pending = self.committer.submit(self._commit_when_written, upload, path, step_name, values)
 
@@ -286,15 +284,9 @@ class ShardedCheckpointer:
                 shutil.rmtree(os.path.join(path, name), ignore_errors=True)
 
 
-@contextlib.contextmanager
-def quiet_when_alone():
-    """Yields whether this process is alone (no process group); then DCP's warning that it assumes so is
-    silenced: one process is what is meant."""
-    alone = not (dist.is_available() and dist.is_initialized())
-    with warnings.catch_warnings():
-        if alone:
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        yield alone
+def alone() -> bool:
+    """No process group: DCP is told to save or load in this one process."""
+    return not (dist.is_available() and dist.is_initialized())
 
 
 def fsync_folder(path: str) -> None:
