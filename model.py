@@ -615,11 +615,13 @@ class GPT(nn.Module):
         return torch.cat([idx] + new, dim=1)
 
 
-def new_sharded_model(config: GPTConfig, shard: Callable[[GPT], None], device: str | torch.device) -> GPT:
+def new_sharded_model(config: GPTConfig, shard: Callable[[GPT], None], device: str | torch.device,
+                      initialise: bool = True) -> GPT:
     """
     GPT(config) as FSDP holds it, built without any process holding the whole model: on the meta device (no
     storage), then shard(model) (fully_shard's calls), then storage on `device` for this process's shards only,
     then init_sharded_weights. Under the same torch.manual_seed the weights are GPT(config)'s.
+    initialise=False leaves the storage as it comes, for a checkpoint to fill (a resume).
     """
     with torch.device("meta"):
         model = GPT(config)
@@ -627,7 +629,8 @@ def new_sharded_model(config: GPTConfig, shard: Callable[[GPT], None], device: s
     model.to_empty(device=device)
     if model.lm_head.weight is not model.transformer.wte.weight:  # to_empty replaces an unsharded tied weight twice
         model.lm_head.weight = model.transformer.wte.weight
-    init_sharded_weights(model)
+    if initialise:
+        init_sharded_weights(model)
     return model
 
 
