@@ -218,6 +218,13 @@ def current_checkpoint(path: str) -> str | None:
     return max(written, key=written.get) if written else None
 
 
+def remove_sharded_twin(path: str) -> None:
+    """Once the one-file checkpoint `path` is written, its sharded twin (an FSDP run's older state) goes."""
+    import shutil
+    if os.path.isdir(sharded_path(path)):
+        shutil.rmtree(sharded_path(path))
+
+
 def load_checkpoint(source: str | BinaryIO, map_location: str = "cpu", name: str | None = None) -> dict:
     """Load a checkpoint (a path, or a file-like object named `name` in messages) without running any code
     from it (weights_only=True); clear errors for the rest. A path whose checkpoint is sharded (its twin

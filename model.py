@@ -626,12 +626,23 @@ def new_sharded_model(config: GPTConfig, shard: Callable[[GPT], None], device: s
     with torch.device("meta"):
         model = GPT(config)
     shard(model)
+    return materialise_sharded(model, device, initialise)
+
+
+def materialise_sharded(model: GPT, device: str | torch.device, initialise: bool = True) -> GPT:
+    """The second half of new_sharded_model, for a GPT built on the meta device and sharded already: storage on
+    `device` for this process's shards, then (initialise) GPT()'s weights from the global RNG as it is now."""
     model.to_empty(device=device)
     if model.lm_head.weight is not model.transformer.wte.weight:  # to_empty replaces an unsharded tied weight twice
         model.lm_head.weight = model.transformer.wte.weight
     if initialise:
         init_sharded_weights(model)
     return model
+
+
+def is_on_meta(model: nn.Module) -> bool:
+    """Built under torch.device('meta'): shapes without storage, waiting for materialise_sharded."""
+    return any(p.is_meta for p in model.parameters())
 
 
 @torch.no_grad()

@@ -30,22 +30,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict, StateDictOptions
 
-from common import UserError, sharded_path, SHARDED_INDEX_NAME as INDEX_NAME
+from common import UserError, SHARDED_INDEX_NAME as INDEX_NAME
 
 STEP_PREFIX = "step-"
 SHARDED = StateDictOptions(full_state_dict=False)  # each process's own shards, never a gathered copy
 # one process reading a checkpoint alone is what is meant; DCP warns that it assumes so (from its writer thread too)
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized", category=UserWarning)
-
-
-def remove_other_format(path: str, written: str) -> None:
-    """After `written` (the file or its sharded twin) became the checkpoint of `path`, remove the other one, so a
-    run that changed format does not leave an older state that a reader could take."""
-    other = sharded_path(path) if written == path else path
-    if os.path.isdir(other):
-        shutil.rmtree(other, ignore_errors=True)
-    elif os.path.isfile(other):
-        os.remove(other)
 
 
 # -----------------------------------------------------------------------------
@@ -201,11 +191,13 @@ class ShardedCheckpointer:
         self.committer = ThreadPoolExecutor(max_workers=1) if asynchronous else None
         self.pending: Future | None = None
 
-    def save(self, path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, values: dict) -> None:
-        """Write the state of `model` (and `optimizer`) with `values` (JSON) as the sharded checkpoint `path`.
+    def save(self, path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, values: dict,
+             replaces: str | None = None) -> None:
+        """Write the state of `model` (and `optimizer`) with `values` (JSON) as the sharded checkpoint `path`; once
+        it is the current one, remove the one-file checkpoint `replaces` (an older state in the other format).
         Returns once it is written, or, asynchronous, once this process's shards are copied."""
         self.wait()
-        values = json.loads(json.dumps(values))  # as they are now (a later change is not this step's), and JSON
+        values = json.loads(json.dumps(dict(values, with_optimizer=optimizer is not None)))  # as they are now, as JSON
         step_name = self._new_step_name(values.get("iter_num", 0))
         folder = os.path.join(path, step_name)
         if self.rank == 0:
@@ -216,11 +208,11 @@ class ShardedCheckpointer:
         writer = dcp.FileSystemWriter(folder)
         if not self.asynchronous:
             dcp.save(state, storage_writer=writer, no_dist=alone())
-            self._commit(path, step_name, values)
+            self._commit(path, step_name, values, replaces)
             return
         written = dcp.async_save(state, storage_writer=writer, process_group=self.group, no_dist=alone())
         upload = getattr(written, "upload_completion", written)  # a Future, or an AsyncSaveResponse's upload
-        self.pending = self.committer.submit(self._commit_when_written, upload, path, step_name, values)
+        self.pending = self.committer.submit(self._commit_when_written, upload, path, step_name, values, replaces)
 
     def wait(self) -> None:
         """Block until the save in progress (if any) is written and switched to; re-raise what it failed with."""
@@ -238,9 +230,9 @@ class ShardedCheckpointer:
                 dist.destroy_process_group(self.group)
                 self.group = None
 
-    def _commit_when_written(self, upload: Future, path: str, step_name: str, values: dict) -> None:
+    def _commit_when_written(self, upload: Future, path: str, step_name: str, values: dict, replaces: str | None) -> None:
         upload.result()
-        self._commit(path, step_name, values)
+        self._commit(path, step_name, values, replaces)
 
     def _new_step_name(self, step: int) -> str:
         """A folder name no earlier save used (a step saved again after a restart gets a new one), the same on
@@ -250,7 +242,7 @@ class ShardedCheckpointer:
             dist.broadcast_object_list(name, src=0)
         return name[0]
 
-    def _commit(self, path: str, step_name: str, values: dict) -> None:
+    def _commit(self, path: str, step_name: str, values: dict, replaces: str | None = None) -> None:
         """Rank 0, once every process's shards are written (DCP's save returns after its metadata, which it
         writes last): point checkpoint.json at them, atomically and durably, then drop the step it replaced."""
         if self.rank != 0:
@@ -264,6 +256,8 @@ class ShardedCheckpointer:
         os.replace(tmp_path, index_path)
         fsync_folder(path)
         self._remove_unused_steps(path, keep=step_name)
+        if replaces is not None and os.path.isfile(replaces):
+            os.remove(replaces)
 
     @staticmethod
     def _remove_unused_steps(path: str, keep: str | None) -> None:

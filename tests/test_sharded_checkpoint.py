@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_script, script_env
-from common import UserError, load_checkpoint, save_checkpoint, sharded_path
+from common import UserError, load_checkpoint, save_checkpoint, sharded_path, remove_sharded_twin
 from model import GPT, GPTConfig, new_sharded_model
 from sharded_checkpoint import ShardedCheckpointer, load_training_state, read_index
 
@@ -118,6 +118,13 @@ def test_the_newer_format_is_read_when_both_are_there(tmp_path):
     assert load_checkpoint(str(tmp_path / "ckpt.pt"))["iter_num"] == 2
     ShardedCheckpointer().save(sharded_path(str(tmp_path / "ckpt.pt")), model, optimizer, dict(values, iter_num=3))
     assert load_checkpoint(str(tmp_path / "ckpt.pt"))["iter_num"] == 3
+    # and a writer removes the other format once its own is in place
+    ShardedCheckpointer().save(sharded_path(str(tmp_path / "ckpt.pt")), model, optimizer, dict(values, iter_num=4),
+                               replaces=str(tmp_path / "ckpt.pt"))
+    assert not (tmp_path / "ckpt.pt").exists() and load_checkpoint(str(tmp_path / "ckpt.pt"))["iter_num"] == 4
+    save_checkpoint(dict(model=model.state_dict(), **dict(values, iter_num=5)), str(tmp_path / "ckpt.pt"))
+    remove_sharded_twin(str(tmp_path / "ckpt.pt"))
+    assert not (tmp_path / "ckpt.dcp").exists() and load_checkpoint(str(tmp_path / "ckpt.pt"))["iter_num"] == 5
 
 
 # a child that saves versions 1, 2, 3 of a checkpoint and stops inside the save of version 3 at `where`, says so,
