@@ -2,20 +2,22 @@
 GPT-2 large (774M) trained under FSDP on 2 CPU processes, a model this machine cannot train under DDP, with
 sharded checkpoints; and the save/load times of sharded checkpoints, synchronous and asynchronous.
 
-    python experiments/fsdp_large.py                       # everything below, ~15 min on 2 cores, ~15 GiB free
-    python experiments/fsdp_large.py --only=large --steps=2
+    python experiments/fsdp_large.py                  # every row below; needs ~15 GiB free memory and ~25 GiB disk
+    python experiments/fsdp_large.py --only=times --time_sizes=124M,355M
 
 Rows (each a torchrun launch of this script; CPU, gloo, fp32, batch 1 per process, --seq_len tokens):
   large:   FSDP on 2 processes: the model built on the meta device, sharded, initialised shard by shard; --steps
-           AdamW steps; a synchronous sharded save. The same with fsdp_cpu_offload. Then a resume of that
-           checkpoint on 2 processes (FSDP) and on 1 (whole model: as far as this machine's free memory allows).
+           AdamW steps; a synchronous sharded save. A resume of that checkpoint on 2 processes (FSDP) and on 1
+           (the whole model: with AdamW and a step as far as this machine's free memory allows). The training
+           again with fsdp_cpu_offload.
   ddp:     DDP's requirement for GPT-2 large, computed: every rank holds all parameters, gradients and AdamW's two
            moments (16 bytes a parameter) plus what DDP on 2 processes measures beyond that at GPT-2 small (124M),
            which trains here.
-  times:   for 124M, 355M and 774M under FSDP on 2 processes: the time a synchronous save takes (the training
-           loop waits for all of it), the time an asynchronous save blocks the loop (its copy of the shards to
-           memory) and the time until it is written, and the time to load the checkpoint. An asynchronous save
-           holds a second copy of each process's state: it is skipped, and said so, where memory is short.
+  times:   for --time_sizes under FSDP on 2 processes: the time a synchronous save takes (the training loop waits
+           for all of it), the time an asynchronous save blocks the loop (its copy of the shards to memory), the
+           time until it is written while the loop trains on, and the time to load the checkpoint; the large
+           model's synchronous save and load come from its rows. An asynchronous save holds a second copy of each
+           process's state: where memory is short it is not run, and the table says so.
 Each process's peak resident memory is resource.getrusage's ru_maxrss. Results: out_dir/results.json, and a
 Markdown table on stdout.
 """
@@ -195,7 +197,8 @@ def main():
     parser.add_argument("--seq_len", type=int, default=64)
     parser.add_argument("--only", choices=["large", "ddp", "times"], default=None)
     parser.add_argument("--large", choices=SIZES, default="774M", help="the model of the large rows")
-    parser.add_argument("--time_sizes", default=",".join(SIZES), help="the models of the save/load times")
+    parser.add_argument("--time_sizes", default="124M",
+                        help="the models of the save/load times (besides the large rows' own: their save and load)")
     parser.add_argument("--timeout", type=int, default=1800)
     parser.add_argument("--min_free_gib", type=float, default=15.0, help="refuse to start the large rows below this")
     # the worker's own settings
@@ -236,7 +239,6 @@ def main():
                              f"{args.min_free_gib:.0f}; free memory or pass --min_free_gib")
         large = args.large
         keep("fsdp_train", launch(args, "fsdp_train", "train", large, 2))
-        keep("fsdp_train_offload", launch(args, "fsdp_train_offload", "train", large, 2, "--offload"))
         keep("fsdp_resume_2", launch(args, "fsdp_resume_2", "resume", large, 2, "--with_optimizer", "--train_after"))
         # one process holds the whole model: with AdamW and a step (16 bytes a parameter) where memory allows
         whole = params[large]
@@ -247,6 +249,7 @@ def main():
         else:
             extra = []
         keep("resume_1", launch(args, "resume_1", "resume", large, 1, *extra))
+        keep("fsdp_train_offload", launch(args, "fsdp_train_offload", "train", large, 2, "--offload"))
         shutil.rmtree(os.path.join(args.out_dir, f"ckpt-{large}.dcp"), ignore_errors=True)
 
     if args.only in (None, "ddp"):
@@ -301,6 +304,13 @@ def print_tables(results):
     print("\n| model | checkpoint (GiB) | sync save: loop blocked (s) | async save: loop blocked (s) | "
           "async: written after (s) | steps trained meanwhile | load (s) |")
     print("|---|---|---|---|---|---|---|")
+    if "fsdp_train" in results and "fsdp_resume_2" in results:
+        rs, ls = results["fsdp_train"], results["fsdp_resume_2"]
+        size = rs[0]["size"]
+        need = 28 * params[size] + 2 * GiB
+        print(f"| {size} | {gib(rs[0]['checkpoint_bytes'])} | {max(r['save_s'] for r in rs):.1f} | not run: an asynchronous "
+              f"save holds a second copy of each process's parameters and moments, about {need / GiB:.0f} GiB in all "
+              f"with training's | | | {max(r['load_s'] for r in ls):.1f} |")
     for size in SIZES:
         if f"times_save_{size}" not in results:
             continue
