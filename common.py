@@ -23,15 +23,18 @@ class UserError(Exception):
     """A mistake the user can fix: reported as one line on stderr, no traceback, exit code 1."""
 
 
-def run_main(main: Callable[[], None]) -> None:
-    """Run a script's main(), turning a UserError into one clear line and a non-zero exit."""
+def run_main(main: Callable[[], int | None]) -> None:
+    """Run a script's main(), turning a UserError into one clear line and exit status 1, and a status main()
+    returns (train.py's 75 for a run stopped on request) into the process's exit status."""
     try:
-        main()
+        status = main()
     except UserError as e:
         message = f"error: {e}"
         if first_to_report(message):
             print(message, file=sys.stderr, flush=True)
         sys.exit(1)
+    if status:
+        sys.exit(status)
 
 
 def first_to_report(message: str) -> bool:
@@ -171,28 +174,74 @@ def estimate_mfu(model: GPT, seq_len: int, tokens_per_second: float, device: str
 # -----------------------------------------------------------------------------
 # checkpoints: a dict of tensors and plain values, readable with weights_only=True
 
-CHECKPOINT_NAME = "ckpt.pt"
+CHECKPOINT_NAME = "ckpt.pt"  # the state to continue from: written at every evaluation and on a stop
+BEST_NAME = "best.pt"  # the best-validated weights: written only when the validation loss improves
+CHECKPOINT_CHOICES = ("auto", "best", "last")  # what a script that reads a trained model may ask for
 
 
-def checkpoint_path(out_dir: str) -> str:
-    """Where train.py keeps a run's checkpoint."""
+def checkpoint_path(out_dir: str, which: str = "last") -> str:
+    """The one place that knows a run's files: 'last' is the state to continue from (out_dir/ckpt.pt),
+    'best' the best-validated weights (out_dir/best.pt), 'auto' the best when the run has written one,
+    else the last."""
+    if which not in CHECKPOINT_CHOICES:
+        raise UserError(f"unknown checkpoint {which!r}; use {', '.join(CHECKPOINT_CHOICES)} "
+                        f"(auto: {BEST_NAME} when present, else {CHECKPOINT_NAME})")
+    best = os.path.join(out_dir, BEST_NAME)
+    if which == "best" or (which == "auto" and os.path.exists(best)):
+        return best
     return os.path.join(out_dir, CHECKPOINT_NAME)
 
 
 def save_checkpoint(checkpoint: dict, path: str) -> None:
     """Write to a temporary file in the same folder, flush it to disk, then rename it over `path`:
-    a crash at any moment leaves either the old checkpoint or the new one, never a torn file."""
+    a crash at any moment leaves either the old checkpoint or the new one, never a torn file. A full
+    disk or a folder that refuses the file is a UserError (what, where, how much was needed) with the
+    temporary file removed and the old checkpoint untouched."""
     tmp_path = f"{path}.tmp"
-    with open(tmp_path, "wb") as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, path)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+        with open(tmp_path, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        os_error = e  # torch.save reports a failed write as a RuntimeError raised while handling the OSError
+        while os_error is not None and not isinstance(os_error, OSError):
+            os_error = os_error.__context__
+        if os_error is None:
+            raise
+        raise unwritable(path, os_error, tensor_bytes(checkpoint)) from None
+
+
+def tensor_bytes(value) -> int:
+    """The bytes of the tensors in a nest of dicts, lists and tuples: what a checkpoint of them needs on disk."""
+    if torch.is_tensor(value):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
+def unwritable(path: str, error: OSError, needed: int) -> UserError:
+    """A full disk or a refused folder while writing `path`, said in one line. Any other OSError is a bug: re-raised."""
+    import errno
+    import shutil
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG):
+        raise error
+    folder = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
+    return UserError(f"could not write {path}: {error.strerror} (it needs about {needed / 2**20:,.1f} MiB, "
+                     f"{free / 2**20:,.1f} MiB free there); free some space or choose another --out_dir, "
+                     f"then resume with --init_from=resume")
 
 
 # FSDP's checkpoints are folders of shards (sharded_checkpoint.py), the twins of the one-file paths:
@@ -236,7 +285,7 @@ def load_checkpoint(source: str | BinaryIO, map_location: str = "cpu", name: str
             from sharded_checkpoint import read_whole  # torch.distributed.checkpoint takes a while to import
             return read_whole(source)
     if isinstance(source, str) and not os.path.exists(source):
-        raise UserError(f"no checkpoint at {source}; train one first, or point --out_dir at the folder that has {CHECKPOINT_NAME}")
+        raise UserError(f"no checkpoint at {source}; train one first, or point --out_dir at the folder that has {os.path.basename(source)}")
     try:
         checkpoint = torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -259,6 +308,7 @@ class LoadedModel:
     model: GPT
     checkpoint: dict | None = None  # the whole train.py checkpoint (optimizer, RNG, ...) for 'resume'
     chars: list | None = None  # the character vocabulary of a character-level model; None means GPT-2 BPE
+    path: str | None = None  # the checkpoint file it came from; None for a GPT-2 name or a Hugging Face folder
 
 
 def is_pretrained_source(init_from: str) -> bool:
@@ -308,10 +358,12 @@ def new_model(model_args: dict) -> GPT:
         raise UserError(str(e)) from None
 
 
-def load_trained(out_dir: str, checkpoint: dict | None = None, need_decoding: bool = True) -> LoadedModel:
-    """The model of out_dir's checkpoint written by train.py (or of `checkpoint`, already read from it).
+def load_trained(out_dir: str, checkpoint: dict | None = None, need_decoding: bool = True,
+                 which: str = "auto") -> LoadedModel:
+    """The model of a checkpoint train.py wrote in out_dir: `which` as checkpoint_path takes it (by default
+    best.pt when the run has one, else ckpt.pt), or `checkpoint`, already read from out_dir/ckpt.pt.
     A character-level model without its character list is a UserError unless need_decoding=False."""
-    path = checkpoint_path(out_dir)
+    path = checkpoint_path(out_dir, "last" if checkpoint is not None else which)
     if checkpoint is None:
         checkpoint = load_checkpoint(path)
     try:
@@ -323,7 +375,15 @@ def load_trained(out_dir: str, checkpoint: dict | None = None, need_decoding: bo
     if need_decoding and chars is None and is_character_vocabulary(model.config.vocab_size):
         raise UserError(f"{path} has a {model.config.vocab_size}-token vocabulary but no character list, "
                         f"so its tokens cannot be decoded")
-    return LoadedModel(model, checkpoint, chars)
+    return LoadedModel(model, checkpoint, chars, path)
+
+
+def describe_trained(loaded: "LoadedModel") -> str:
+    """Which file a script read, at which step and validation loss: said by every script that reads a run."""
+    checkpoint = loaded.checkpoint
+    val_loss = checkpoint.get("val_loss", checkpoint.get("best_val_loss"))
+    loss_text = f", val loss {val_loss:.4f}" if isinstance(val_loss, float) and val_loss != float("inf") else ""
+    return f"read {loaded.path} (step {checkpoint.get('iter_num', '?')}{loss_text})"
 
 
 def load_pretrained(source: str, overrides: dict | None = None, need_decoding: bool = True) -> LoadedModel:
@@ -344,14 +404,15 @@ def load_pretrained(source: str, overrides: dict | None = None, need_decoding: b
 
 
 def load_model(init_from: str, out_dir: str = "out", overrides: dict | None = None,
-               need_decoding: bool = True) -> LoadedModel:
+               need_decoding: bool = True, which: str = "auto") -> LoadedModel:
     """
     The model a script's --init_from names, on the CPU in fp32 (move it where it runs): 'resume' reads
-    out_dir's checkpoint (load_trained), a GPT-2 name or a folder in the Hugging Face format goes through
-    load_pretrained. A source that does not exist, is damaged or does not fit is a UserError.
+    out_dir's checkpoint `which` (load_trained: best.pt when present, else ckpt.pt), a GPT-2 name or a
+    folder in the Hugging Face format goes through load_pretrained. A source that does not exist, is
+    damaged or does not fit is a UserError.
     """
     if init_from == "resume":
-        return load_trained(out_dir, need_decoding=need_decoding)
+        return load_trained(out_dir, need_decoding=need_decoding, which=which)
     if is_pretrained_source(init_from):
         return load_pretrained(init_from, overrides, need_decoding)
     raise UserError(f"unknown init_from {init_from!r}; use resume, {', '.join(GPT2_NAMES)} "

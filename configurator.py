@@ -42,10 +42,18 @@ def _check_type(key, value, default, nullable):
     return value
 
 
-def apply_overrides(namespace: dict, args: list[str], nullable: Collection[str] = ()) -> dict:
+def names_assigned_in(source: str) -> set[str]:
+    """Every name a config file's code assigns (the file has run already, so it parses)."""
+    return {node.id for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
+
+
+def apply_overrides(namespace: dict, args: list[str], nullable: Collection[str] = (), assigned: set | None = None) -> dict:
     """Apply config files and --key=value overrides to namespace (a script's globals()). Returns
     the dict of the configurable keys (the upper-level names that were there before) and their values.
-    nullable: keys that may be set to None although their default is not (None switches them off)."""
+    nullable: keys that may be set to None although their default is not (None switches them off).
+    assigned: a set that receives the keys a config file or the command line set (even to the default's
+    value), e.g. to tell a setting the user chose from one a resumed run may take from its checkpoint."""
+    assigned = set() if assigned is None else assigned
     # settings are the lower-case module-level values; UPPER_CASE names are the script's constants
     keys = [k for k, v in namespace.items()
             if not k.startswith("_") and not k.isupper() and isinstance(v, (int, float, bool, str, tuple, list, type(None)))]
@@ -74,6 +82,7 @@ def apply_overrides(namespace: dict, args: list[str], nullable: Collection[str] 
                 value = namespace[k]
                 if k not in existing and not k.startswith("_") and not callable(value) and not isinstance(value, types.ModuleType):
                     raise UserError(f"config file {arg} sets unknown key {k!r}{_closest(k, keys)}")
+            assigned.update(set(keys) & names_assigned_in(source))
             for k in keys:
                 if namespace[k] is not before[k]:
                     namespace[k] = _check_type(k, namespace[k], before[k], nullable)
@@ -91,4 +100,5 @@ def apply_overrides(namespace: dict, args: list[str], nullable: Collection[str] 
         if key not in keys:
             raise UserError(f"unknown config key --{key}{_closest(key, keys)}")
         namespace[key] = _check_type(key, value, namespace[key], nullable)
+        assigned.add(key)
     return {k: namespace[k] for k in keys}

@@ -31,10 +31,11 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from configurator import apply_overrides
-from common import UserError, run_main, pick_device, pick_dtype, autocast_context, load_model, get_tokenizer
+from common import UserError, run_main, pick_device, pick_dtype, autocast_context, load_model, describe_trained, get_tokenizer
 
 # -----------------------------------------------------------------------------
 init_from = "resume"  # 'resume' (from out_dir) | 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' | a local HF directory
+checkpoint = "auto"  # with resume: 'auto' (best.pt when present, else ckpt.pt) | 'best' (best.pt) | 'last' (ckpt.pt)
 out_dir = "out"
 data_path = os.path.join("data", "hellaswag", "hellaswag_val.jsonl")
 max_examples = 0  # 0: all of them; N: the first N examples of the file
@@ -162,7 +163,8 @@ def evaluate_hellaswag(model, examples: list[dict], device, autocast_ctx, encode
     labels = torch.tensor([example["label"] for example in examples], device=device)
     pred = sum_loss.argmin(dim=1)  # the first of equal losses, as in a loop over the endings
     pred_norm = (sum_loss / n_tokens).argmin(dim=1)
-    return dict(n=n, acc=(pred == labels).float().mean().item(), acc_norm=(pred_norm == labels).float().mean().item(),
+    # exact fractions (not a float32 mean), so that train.py's sum over chunks of examples gives the same numbers
+    return dict(n=n, acc=int((pred == labels).sum()) / n, acc_norm=int((pred_norm == labels).sum()) / n,
                 pred=pred.tolist(), pred_norm=pred_norm.tolist(), sum_loss=sum_loss.tolist(), n_tokens=n_tokens.tolist())
 
 
@@ -186,7 +188,9 @@ def main():
     examples = load_hellaswag(data_path)
     if max_examples:
         examples = examples[:max_examples]
-    loaded = load_model(init_from, out_dir, overrides=dict(dropout=0.0))
+    loaded = load_model(init_from, out_dir, overrides=dict(dropout=0.0), which=checkpoint)
+    if loaded.path is not None and rank == 0:
+        print(describe_trained(loaded))
     if loaded.chars is not None:
         raise UserError(f"{init_from} is a character-level model; HellaSwag is English text scored in GPT-2 BPE tokens")
     encode = get_tokenizer().encode

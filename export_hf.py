@@ -1,5 +1,6 @@
 """
-Exports a model trained here (out_dir/ckpt.pt) to the Hugging Face format: a folder that
+Exports a model trained here (out_dir/best.pt, the best-validated weights, when the run has written one,
+else out_dir/ckpt.pt; --checkpoint=best|last picks one) to the Hugging Face format: a folder that
 transformers' AutoModelForCausalLM and AutoTokenizer load without trust_remote_code, so the model can
 go to the hub, to serving tools and to evaluation harnesses.
 
@@ -26,10 +27,11 @@ import torch
 from model import ConfigError, GPT2_VOCAB_SIZE
 from hf_bridge import HF_CLASS_NAMES, build_hf_model, common_window, target_architecture
 from configurator import apply_overrides
-from common import UserError, run_main, load_trained, gpt2_encoding, checkpoint_path
+from common import UserError, run_main, load_trained, gpt2_encoding, checkpoint_path, describe_trained
 
 # -----------------------------------------------------------------------------
-out_dir = "out"  # the train.py run whose ckpt.pt is exported
+out_dir = "out"  # the train.py run whose model is exported
+checkpoint = "auto"  # 'auto' (best.pt when present, else ckpt.pt) | 'best' (best.pt) | 'last' (ckpt.pt)
 hf_dir = ""  # the folder to write; "" means out_dir/hf
 dtype = "float32"  # 'float32' (exact) | 'bfloat16' (half the size, for sharing)
 overwrite = False  # replace an earlier export in hf_dir
@@ -148,7 +150,8 @@ def check_destination(folder, overwrite):
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"hf_dir {folder!r} is a file; choose a folder")
     if os.path.isdir(folder) and os.listdir(folder):
-        if os.path.exists(checkpoint_path(folder)) or not os.path.exists(os.path.join(folder, "config.json")):
+        run_files = [checkpoint_path(folder, which) for which in ("last", "best")]
+        if any(map(os.path.exists, run_files)) or not os.path.exists(os.path.join(folder, "config.json")):
             raise UserError(f"hf_dir {folder!r} holds files that are not an earlier export; choose an empty or new folder")
         if not overwrite:
             raise UserError(f"hf_dir {folder!r} already holds an export; pass --overwrite=True to replace it")
@@ -160,15 +163,16 @@ def current_umask():
     return mask
 
 
-def export(out_dir: str, hf_dir: str, dtype: str = "float32", overwrite: bool = False) -> str:
-    """Write the Hugging Face folder of out_dir/ckpt.pt into hf_dir and return the architecture
-    ('gpt2' or 'starcoder2'). Every check comes before anything is written, and the folder is built
-    aside and moved into place whole: a refusal or a crash leaves hf_dir as it was."""
+def export(out_dir: str, hf_dir: str, dtype: str = "float32", overwrite: bool = False, which: str = "auto") -> tuple[str, str]:
+    """Write the Hugging Face folder of out_dir's checkpoint `which` (common.checkpoint_path) into hf_dir and
+    return (the architecture, 'gpt2' or 'starcoder2'; which file was read, at which step). Every check
+    comes before anything is written, and the folder is built aside and moved into place whole: a
+    refusal or a crash leaves hf_dir as it was."""
     if dtype not in ("float32", "bfloat16"):
         raise UserError(f"unknown dtype {dtype!r}; use float32 (exact) or bfloat16 (half the size)")
     hf_dir = os.path.abspath(hf_dir)
     check_destination(hf_dir, overwrite)
-    loaded = load_trained(out_dir)
+    loaded = load_trained(out_dir, which=which)
     model, chars, checkpoint = loaded.model.eval(), loaded.chars, loaded.checkpoint
     try:
         target_architecture(model.config)  # refused before anything is written
@@ -219,14 +223,14 @@ def export(out_dir: str, hf_dir: str, dtype: str = "float32", overwrite: bool = 
     finally:
         if os.path.isdir(staging):
             shutil.rmtree(staging)
-    return arch
+    return arch, describe_trained(loaded)
 
 
 def main() -> None:
     apply_overrides(globals(), sys.argv[1:])
     folder = hf_dir or os.path.join(out_dir, "hf")
-    arch = export(out_dir, folder, dtype, overwrite)
-    print(f"exported {checkpoint_path(out_dir)} as {HF_CLASS_NAMES[arch]} ({dtype}) to {folder}")
+    arch, source = export(out_dir, folder, dtype, overwrite, checkpoint)
+    print(f"exported as {HF_CLASS_NAMES[arch]} ({dtype}) to {folder}: {source}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """
-Samples from a trained model (--init_from=resume reads out_dir/ckpt.pt) or from OpenAI's GPT-2
+Samples from a trained model (--init_from=resume reads out_dir/best.pt, the best-validated weights, when the run
+has written one, else out_dir/ckpt.pt; --checkpoint=best|last picks one) or from OpenAI's GPT-2
 (--init_from=gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a local directory in the HF format).
 
     python sample.py --out_dir=out-shakespeare-char-cpu
@@ -15,12 +16,13 @@ import torch
 
 from model import ConfigError, GPT2_NAMES, validate_sampling
 from configurator import apply_overrides
-from common import (UserError, run_main, pick_device, pick_dtype, autocast_context, load_model, get_tokenizer,
+from common import (UserError, run_main, pick_device, pick_dtype, autocast_context, load_model, describe_trained, get_tokenizer,
                     is_pretrained_source)
 
 # -----------------------------------------------------------------------------
 init_from = "resume"  # 'resume' (from out_dir) | 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' | a local HF directory
 out_dir = "out"
+checkpoint = "auto"  # with resume: 'auto' (best.pt when present, else ckpt.pt) | 'best' (best.pt) | 'last' (ckpt.pt)
 start = "\n"  # the prompt, or "FILE:prompt.txt"; "" starts from <|endoftext|> (GPT-2 BPE only)
 num_samples = 3
 max_new_tokens = 500
@@ -86,7 +88,7 @@ def main():
     # alone on stderr (loading a Hugging Face checkpoint prints progress bars there)
     prompt = read_prompt()
     torch.manual_seed(seed)
-    loaded = load_model(init_from, out_dir, overrides=dict(dropout=0.0))
+    loaded = load_model(init_from, out_dir, overrides=dict(dropout=0.0), which=checkpoint)
     model, chars = loaded.model.to(dev).eval(), loaded.chars
     tokenizer = get_tokenizer(chars)
 
@@ -119,7 +121,8 @@ def main():
             print(prompt + tokenizer.decode(new_ids))
         print("---------------")
     print(f"{generated} tokens in {elapsed:.2f}s: {generated / max(elapsed, 1e-9):.1f} tokens/s "
-          f"({'with' if use_cache else 'without'} KV cache, {dev})", file=sys.stderr)
+          f"({'with' if use_cache else 'without'} KV cache, {dev})" + (f"; {describe_trained(loaded)}" if loaded.path else ""),
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

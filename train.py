@@ -9,17 +9,25 @@ Trains a GPT on one device, or on many through torchrun, with DDP (the default) 
 Every setting below can be changed by a config file or --key=value (configurator.py).
 The global batch of step k is a pure function of (seed, k), and the dropout of its micro-batch j a pure
 function of (seed, k, j), so runs are reproducible, resume exactly and train alike on any number of processes.
+
+A run's files: out_dir/ckpt.pt, the state to continue from (every evaluation, and on a stop request), and
+out_dir/best.pt, the best-validated weights (only when the validation loss improves; nothing replaces it
+with worse). --init_from=auto is one command for the first launch and every relaunch; a torchrun restart or
+a SLURM requeue of any run continues it. Exit status: 0 finished, 1 an error (one line), 75 stopped on a
+signal (SIGTERM, SIGINT, SIGUSR1) with a checkpoint to resume from.
 """
 
 import gc
-import io
+import errno
 import os
 import sys
 import json
 import math
 import time
 import signal
+import threading
 import traceback
+import uuid
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -34,7 +42,7 @@ from configurator import apply_overrides
 from eval_hellaswag import load_hellaswag, evaluate_hellaswag, example_rows
 from common import (UserError, run_main, range_check, pick_device, pick_dtype, autocast_context, checkpoint_path,
                     save_checkpoint, load_checkpoint, new_model, load_trained, load_pretrained, read_char_vocab,
-                    is_character_vocabulary, estimate_mfu, get_tokenizer)
+                    is_character_vocabulary, estimate_mfu, get_tokenizer, unwritable)
 
 # -----------------------------------------------------------------------------
 # default config: GPT-2 small (124M) on OpenWebText
@@ -44,10 +52,14 @@ eval_interval = 2000
 log_interval = 1
 eval_iters = 200
 eval_only = False  # evaluate once and exit
-always_save_checkpoint = True  # save at every eval, not only when val loss improves
-# 'scratch' | 'resume' (out_dir/ckpt.pt must exist) | 'auto' (resume when out_dir/ckpt.pt exists, else scratch:
-# the setting for long runs, torchrun restarts and SLURM requeues) | 'gpt2' ... 'gpt2-xl' | a local HF folder
+# Every evaluation writes out_dir/ckpt.pt, the state to continue from (so a crash loses at most the steps since
+# the last evaluation, a stop request none), and out_dir/best.pt, the weights alone, when the validation loss
+# improves on every earlier one; nothing ever replaces a better-validated best.pt.
+# init_from: 'scratch' | 'resume' (out_dir/ckpt.pt must exist) | 'auto' (resume when out_dir/ckpt.pt exists, else
+# start from auto_from: one command for the first launch and every relaunch) | 'gpt2' ... 'gpt2-xl' | a local HF
+# folder. A torchrun restart or a SLURM requeue of a run, whatever it started from, resumes from out_dir/ckpt.pt.
 init_from = "scratch"
+auto_from = "scratch"  # what init_from='auto' starts from when out_dir holds no checkpoint: 'scratch', a GPT-2 name or a HF folder
 # logging
 wandb_log = False
 wandb_project = "owt"
@@ -138,6 +150,9 @@ def validate_settings(settings):
     sources = ("scratch", "resume", "auto", *GPT2_NAMES)
     if settings.init_from not in sources and not os.path.isdir(settings.init_from):
         raise UserError(f"unknown init_from {settings.init_from!r}; use {', '.join(sources)} or a local folder in the Hugging Face format")
+    if settings.auto_from not in ("scratch", *GPT2_NAMES) and not os.path.isdir(settings.auto_from):
+        raise UserError(f"unknown auto_from {settings.auto_from!r} (what init_from=auto starts a new run from); "
+                        f"use scratch, {', '.join(GPT2_NAMES)} or a local folder in the Hugging Face format")
     if settings.hellaswag_interval:
         need(settings.hellaswag_interval >= 0, "hellaswag_interval", "use an integer >= 0 (0 is off)")
         need(settings.hellaswag_max_examples >= 0, "hellaswag_max_examples", "use an integer >= 0 (0: all of them)")
@@ -258,57 +273,149 @@ def gather_from_every_rank(value, processes):
 
 
 def init_process_group(processes, device_type):
-    """
-    Join the group through torchrun's store, under a prefix of this restart attempt. The store is served
-    by the torchrun agent and outlives a restart of the worker group (--max-restarts), keys included: without
-    the prefix a restarted process can read the address a process of the previous attempt published, and the
-    group's connection mesh is refused.
-    """
+    """Join the group of this launch attempt (attempt_store), on NCCL for CUDA, gloo otherwise."""
     if not processes.distributed:
         return
-    store, rank, world_size = next(dist.rendezvous("env://"))
-    store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    agent_store, rank, world_size = next(dist.rendezvous("env://"))
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = attempt_store(agent_store, rank) if shared else agent_store
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size)
+    if shared:
+        # every process has found this attempt's store, so its entry can go: the next attempt's processes then wait
+        # for their own rank 0's entry instead of trying this one's dead store first
+        dist.barrier()
+        if rank == 0:
+            agent_store.delete_key(ATTEMPT_KEY)
+
+
+ATTEMPT_KEY = "train.py/attempt_store"  # in the torchrun agent's store: "<port> <token>" of the current attempt's store
+ATTEMPT_WAIT = 600  # seconds a process waits for rank 0 of its attempt to publish the store
+
+
+def attempt_store(agent_store, rank):
+    """
+    A store that only the processes of this launch attempt share. torchrun's agent store outlives a restart
+    of the worker group (--max-restarts), keys included, and the nodes need not agree on their restart count
+    (torchrun does not count a membership change as a restart), so neither the store nor a prefix from the
+    count can tell attempts apart. Instead rank 0 serves a fresh store and publishes its port with a random
+    token; the others take the published store once it answers with that token. An entry left by an earlier
+    attempt points at a store that died with that attempt's rank 0 (every process of an attempt is stopped
+    before the next one starts), or answers with another token, so every process of an attempt meets in
+    the same store.
+    """
+    from datetime import timedelta
+    host = os.environ["MASTER_ADDR"]
+    if rank == 0:
+        token = uuid.uuid4().hex
+        store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=ATTEMPT_WAIT))
+        store.set("token", token)
+        agent_store.set(ATTEMPT_KEY, f"{store.port} {token}")
+        return store
+    deadline = time.monotonic() + ATTEMPT_WAIT
+    while True:
+        port, token = agent_store.get(ATTEMPT_KEY).decode().split()
+        try:
+            store = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=5))
+            if store.get("token").decode() == token:
+                store.set_timeout(timedelta(seconds=ATTEMPT_WAIT))
+                return store
+        except (RuntimeError, OSError):  # a store of an earlier attempt, gone: rank 0 has not published yet
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank 0 of this attempt published no store in {ATTEMPT_WAIT} s")
+        time.sleep(0.2)
+
+
+STOPPED_EXIT = 75  # EX_TEMPFAIL, "try again later": stopped on request with a checkpoint to resume from (0: finished, 1: an error)
+STUCK_AFTER = 10  # seconds a stop signal may wait for the main thread before the process exits without a checkpoint
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
 
 
 class StopRequest:
     """
-    SIGTERM/SIGINT ask for a checkpoint at the next step boundary. Run alone, a second signal exits at once.
-    Under torchrun a second one is the same request arriving again (scancel or Ctrl-C reach every worker
-    directly and again through the agent), so it is not taken for "exit now": torchrun kills what is still
-    running after its grace period anyway.
+    SIGTERM, SIGINT and SIGUSR1 (SLURM's --signal=USR1@N) ask for a checkpoint at the next safe point: a step
+    boundary, between evaluation or HellaSwag batches, or right after a checkpoint being written. Run alone,
+    a second signal exits at once. Under torchrun a second one is the same request arriving again (scancel
+    or Ctrl-C reach every worker directly and again through the agent), so it is not taken for "exit now":
+    torchrun kills what is still running after its grace period anyway.
     """
     requested = False
     under_torchrun = False
+    handled_at = -math.inf  # when the handler last ran (time.monotonic): the main thread was running Python code
 
     @classmethod
     def install(cls, under_torchrun):
         cls.requested, cls.under_torchrun = False, under_torchrun
-        signal.signal(signal.SIGTERM, cls.handle)
-        signal.signal(signal.SIGINT, cls.handle)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, cls.handle)
+        if under_torchrun:
+            cls.watch_for_a_blocked_main_thread()
+
+    @classmethod
+    def watch_for_a_blocked_main_thread(cls):
+        """
+        Python runs a signal handler in the main thread, between two bytecodes. A process blocked in a collective
+        whose peers are gone (torchrun tearing the group down after a worker died, NCCL, a peer on a lost node)
+        never gets there, so it would sit out torchrun's grace period until SIGKILL. The interpreter also writes
+        each signal to a wakeup file descriptor at once, from C; a thread reading it exits the process when the
+        handler has not run STUCK_AFTER seconds later. A healthy run reaches Python within milliseconds.
+        """
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        signal.set_wakeup_fd(write_fd)
+
+        def watch():
+            while True:
+                signum = os.read(read_fd, 1)[0]
+                arrived = time.monotonic()
+                while cls.handled_at < arrived - 1.0:  # 1 s of slack: the handler may have run just before the read
+                    if time.monotonic() - arrived > STUCK_AFTER:
+                        os.write(2, f"\n{signal.Signals(signum).name}: the training process is blocked outside Python "
+                                    f"(a collective whose peers are gone); exiting now\n".encode())
+                        os._exit(128 + signum)
+                    time.sleep(0.1)
+        threading.Thread(target=watch, name="stop-watch", daemon=True).start()
 
     @classmethod
     def handle(cls, signum, frame):
         # os.write, not print: a handler that prints while the main thread prints can raise "reentrant call"
         name = signal.Signals(signum).name
+        cls.handled_at = time.monotonic()
         if cls.requested:
             if cls.under_torchrun:
                 return
             os.write(2, f"\nsecond {name}: exiting now without a checkpoint\n".encode())
             os._exit(128 + signum)
         cls.requested = True
-        os.write(2, f"\n{name} received: will save a checkpoint and stop after this step\n".encode())
+        os.write(2, f"\n{name} received: will save a checkpoint and stop at the next step boundary or evaluation batch\n".encode())
+
+
+class StopAgreed(Exception):
+    """Every process has seen a stop request: raised at a safe point between batches, caught by the training loop."""
+
+
+def check_stop(processes, device):
+    """Raise StopAgreed when any process has a stop request. Every process must call it at the same points
+    (it is a collective under torchrun), so all of them stop at the same batch."""
+    requested = StopRequest.requested
+    if processes.distributed:
+        flag = torch.tensor([float(requested)], device=device)
+        dist.all_reduce(flag)
+        requested = flag.item() > 0
+    if requested:
+        raise StopAgreed
 
 
 class RunLog:
     """Console lines and out_dir/metrics.jsonl (appended, never truncated), plus wandb when asked, from rank 0 only."""
 
     def __init__(self, out_dir, active, wandb_settings=None):
-        self.active, self.file, self.wandb = active, None, None
+        self.active, self.fd, self.wandb = active, None, None
+        self.path = os.path.join(out_dir, "metrics.jsonl")
         if not active:
             return
         os.makedirs(out_dir, exist_ok=True)
-        self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # unbuffered: a failed write is known at once
         if wandb_settings is not None:
             import wandb
             self.wandb = wandb
@@ -323,15 +430,21 @@ class RunLog:
             return
         # strict JSON: an overflowing float16 step has an inf gradient norm, written as null, not Infinity
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self.file.write(json.dumps(record, allow_nan=False) + "\n")
-        self.file.flush()
+        line = (json.dumps(record, allow_nan=False) + "\n").encode()
+        size = os.fstat(self.fd).st_size
+        try:
+            if os.write(self.fd, line) != len(line):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as e:  # a full disk: one line saying so, and no torn last record
+            os.ftruncate(self.fd, size)
+            raise unwritable(self.path, e, len(line)) from None
         if self.wandb is not None:
             self.wandb.log(record, step=record["iter"])
 
     def close(self):
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
@@ -359,60 +472,145 @@ def check_model_settings(settings, vocab_size):
         raise UserError(str(e)) from None
 
 
-def resolve_init_from(init_from, ckpt_path, processes):
+def restart_count():
+    """How many times the launcher has started this run again: torchrun's --max-restarts count, or SLURM's
+    requeue count (which torchrun's workers inherit); 0 for a first launch."""
+    return max(int(os.environ.get(name, "0") or 0) for name in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
+
+
+def resolve_init_from(settings, ckpt_path, processes):
     """
-    'auto' becomes 'resume' when rank 0 has a checkpoint, 'scratch' otherwise. So does 'scratch' in a torchrun
-    restart (--max-restarts) that finds a checkpoint: starting over there would overwrite the run's progress.
-    A checkpoint that other ranks have and rank 0 has not (a requeue that moved rank 0 to another node) is an error.
+    Where this launch starts: 'resume' when some process's out_dir holds the run's checkpoint and the launch is
+    init_from=auto or any restart (a torchrun restart or a SLURM requeue of a run that began from scratch, a
+    GPT-2 name or a folder continues that run: starting over would overwrite its progress); otherwise
+    init_from, or auto_from for 'auto'.
     """
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    if init_from not in ("auto", "scratch") or (init_from == "scratch" and not restarted):
-        return init_from
-    has_checkpoint = gather_from_every_rank(os.path.exists(ckpt_path), processes)
-    if not has_checkpoint[0] and any(has_checkpoint):
-        raise UserError(f"rank 0 has no {ckpt_path} but ranks {[r for r, has in enumerate(has_checkpoint) if has]} do: rank 0's "
-                        f"node holds the run's checkpoint; launch rank 0 where it is, or copy it there")
-    if has_checkpoint[0] and init_from == "scratch":
-        print(f"torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming from {ckpt_path} instead of starting over",
+    fresh = settings.auto_from if settings.init_from == "auto" else settings.init_from
+    if settings.init_from == "resume" or (settings.init_from != "auto" and restart_count() == 0):
+        return settings.init_from
+    found = any(gather_from_every_rank(os.path.exists(ckpt_path), processes))
+    if found and settings.init_from != "auto" and processes.master:
+        print(f"restart {restart_count()} of a run that began from {fresh}: resuming from {ckpt_path} instead of starting over",
               file=sys.stderr, flush=True)
-    return "resume" if has_checkpoint[0] else "scratch"
+    return "resume" if found else fresh
+
+
+def checkpoint_step(path):
+    """The step of the checkpoint at `path`, read without loading its tensors (memory-mapped); None when there
+    is none, -1 when it cannot be read (loading it reports why, if no process has a better one)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["iter_num"])
+    except Exception:  # damaged, or not train.py's: any readable copy elsewhere is better
+        return -1
+
+
+HANDOVER_CHUNK = 64 * 2**20  # bytes per broadcast when a checkpoint goes to processes that lack it
 
 
 def read_checkpoint_everywhere(ckpt_path, processes):
     """
-    The checkpoint on every process. Rank 0's file is the truth; a process whose node has the same file
-    (one machine, or a shared filesystem) reads its own copy, the others receive rank 0's bytes, so a
-    multi-node run resumes without a shared filesystem. Received bytes load with weights_only=True too.
+    The checkpoint on every process: the newest copy (by step; the lowest rank among equals) wins, wherever it
+    is, so a requeue that puts rank 0 on a node with an older copy, or none, still continues the run. A process
+    whose own copy has that step reads it (one machine, a shared filesystem); the others receive the file,
+    streamed in HANDOVER_CHUNK pieces into a temporary file beside their ckpt.pt and loaded from there, so no
+    process holds more than one chunk of it in flight. Received files load with weights_only=True too.
     """
     if not processes.distributed:
         return load_checkpoint(ckpt_path)
-    def fingerprint():
+    step = checkpoint_step(ckpt_path)
+    offers = gather_from_every_rank((step, os.path.getsize(ckpt_path) if step is not None else 0), processes)
+    source = max(range(processes.world_size), key=lambda r: (offers[r][0] if offers[r][0] is not None else -2, -r))
+    if offers[source][0] is None:
+        raise UserError(f"no checkpoint at {ckpt_path} on any node; train one first, or point --out_dir at the folder "
+                        f"that has {os.path.basename(ckpt_path)}")
+    receivers = [r for r in range(processes.world_size) if offers[r][0] != offers[source][0]]
+    if not receivers:
+        return load_checkpoint(ckpt_path)
+    group = dist.new_group([source, *receivers])  # every process creates it; only these take part in the transfer
+    if processes.rank == source:
+        send_file(ckpt_path, offers[source][1], source, group)
+    elif processes.rank in receivers:
+        received = f"{ckpt_path}.from-rank{source}.{processes.rank}.tmp"
         try:
-            st = os.stat(ckpt_path)
-            return (st.st_size, st.st_mtime_ns)
-        except OSError:
-            return None
-    fingerprints = gather_from_every_rank(fingerprint(), processes)
-    if fingerprints[0] is None:
-        raise UserError(f"no checkpoint at {ckpt_path} on rank 0; train one first, or point --out_dir at the folder that has "
-                        f"{os.path.basename(ckpt_path)}")
-    if all(f == fingerprints[0] for f in fingerprints):
-        return load_checkpoint(ckpt_path)
-    payload = [None]
-    if processes.master:
-        with open(ckpt_path, "rb") as f:
-            payload = [f.read()]
-    dist.broadcast_object_list(payload, src=0)
-    if processes.master:
-        return load_checkpoint(ckpt_path)
-    return load_checkpoint(io.BytesIO(payload[0]), name=ckpt_path)  # the same name: one message for one damaged file
+            receive_file(received, offers[source][1], source, group)
+            return load_checkpoint(received, name=ckpt_path)  # the same name: one message for one damaged file
+        finally:
+            if os.path.exists(received):
+                os.remove(received)
+    return load_checkpoint(ckpt_path)
+
+
+def transfer_buffer():
+    """A chunk buffer where the process group's backend can send it: the GPU under NCCL, the CPU under gloo."""
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    return torch.empty(HANDOVER_CHUNK, dtype=torch.uint8, device=device)
+
+
+def send_file(path, size, source, group):
+    buffer = transfer_buffer()
+    with open(path, "rb") as f:
+        for start in range(0, size, HANDOVER_CHUNK):
+            n = min(HANDOVER_CHUNK, size - start)
+            buffer[:n].copy_(torch.frombuffer(bytearray(f.read(n)), dtype=torch.uint8))
+            dist.broadcast(buffer[:n], src=source, group=group)
+
+
+def receive_file(path, size, source, group):
+    buffer = transfer_buffer()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        for start in range(0, size, HANDOVER_CHUNK):
+            n = min(HANDOVER_CHUNK, size - start)
+            dist.broadcast(buffer[:n], src=source, group=group)
+            f.write(buffer[:n].cpu().numpy().tobytes())
 
 
 TRAINING_KEYS = ("optimizer", "iter_num", "best_val_loss", "config")
+ARCHITECTURE_SETTINGS = tuple(key for key in MODEL_SETTINGS if key != "dropout")  # dropout may change on resume
 
 
-def build_model(settings, init_from, vocab_size, chars, processes):
-    """(model on the CPU, checkpoint or None) for a run starting from init_from, checked against the data."""
+def adopt_checkpoint_settings(settings, assigned, checkpoint, ckpt_path):
+    """
+    A resume continues the checkpoint's model: an architecture setting the user set (config file or command
+    line) that differs from it is refused, in one line naming each field with both values; the unset ones,
+    and seed and dropout when unset, are taken from it. Dropout as set is the model's from now on.
+    """
+    saved = checkpoint["model_args"]
+    wanted = dict(saved, **{key: getattr(settings, key) for key in ARCHITECTURE_SETTINGS if key in assigned})
+    if wanted["n_kv_head"] is None:  # None means n_head, as GPTConfig reads it
+        wanted["n_kv_head"] = wanted["n_head"]
+    if isinstance(wanted["window"], tuple):
+        wanted["window"] = list(wanted["window"])
+    differ = [key for key in ARCHITECTURE_SETTINGS if wanted[key] != saved.get(key)]
+    if differ:
+        raise UserError(f"{ckpt_path} holds another architecture than the one asked for (" +
+                        ", ".join(f"--{key}={getattr(settings, key)!r} but the checkpoint has {saved.get(key)!r}" for key in differ) +
+                        "); a resume cannot change the architecture: drop these settings, or start a new run in another --out_dir")
+    saved_seed = checkpoint["config"].get("seed", settings.seed)
+    if "seed" in assigned and settings.seed != saved_seed:
+        raise UserError(f"the checkpoint was trained with seed={saved_seed}, which fixes its batches and dropout; "
+                        f"resume with --seed={saved_seed} or without --seed")
+    for key in (*MODEL_SETTINGS, "seed"):
+        if key not in assigned:
+            setattr(settings, key, saved_seed if key == "seed" else saved[key])
+    checkpoint["model_args"] = dict(saved, dropout=settings.dropout)
+
+
+def changed_settings(settings, checkpoint):
+    """{setting: (the checkpoint's run's value, this run's)} for every setting a resume changes (none for a new run)."""
+    if checkpoint is None:
+        return {}
+    before = checkpoint["config"]
+    return {key: (before[key], value) for key, value in vars(settings).items()
+            if key in before and key not in ("init_from", *ARCHITECTURE_SETTINGS) and before[key] != value and not
+            (isinstance(value, tuple) and list(value) == before[key])}
+
+
+def build_model(settings, assigned, init_from, vocab_size, chars, processes):
+    """(model on the CPU, checkpoint or None) for a run starting from init_from, checked against the data.
+    `assigned`: the settings the user set (configurator), which a resume must not contradict."""
     ckpt_path = checkpoint_path(settings.out_dir)
     torch.manual_seed(settings.seed)  # the same initial weights on every process (FSDP shards them where they are)
     if init_from == "resume":
@@ -421,12 +619,8 @@ def build_model(settings, init_from, vocab_size, chars, processes):
         if missing:
             raise UserError(f"{ckpt_path} holds a model but not a training run (no {', '.join(missing)}); start from it "
                             f"with --init_from=scratch and load it elsewhere, or export it and use --init_from=<folder>")
+        adopt_checkpoint_settings(settings, assigned, checkpoint, ckpt_path)
         loaded = load_trained(settings.out_dir, checkpoint=checkpoint, need_decoding=False)
-        if loaded.model.config.block_size != settings.block_size:
-            raise UserError(f"the checkpoint was trained with block_size={loaded.model.config.block_size}; resume with that")
-        if checkpoint["config"].get("seed", settings.seed) != settings.seed:
-            raise UserError(f"the checkpoint was trained with seed={checkpoint['config']['seed']}, which fixes its batches "
-                            f"and dropout; resume with --seed={checkpoint['config']['seed']}")
         other_char_count = is_character_vocabulary(vocab_size) and loaded.model.config.vocab_size != vocab_size
         if checkpoint.get("chars") != chars or other_char_count:
             raise UserError(f"{ckpt_path} was trained on another vocabulary than {settings.dataset}'s; resume it on its own "
@@ -485,6 +679,7 @@ class TrainState:
     autocast: AbstractContextManager
     device: str
     chars: list | None = None  # the character vocabulary the checkpoints carry
+    gradient_bytes: int | None = None  # the most gradient storage this process held in its first step (measured)
 
     @property
     def micro_steps(self):
@@ -492,12 +687,10 @@ class TrainState:
         return self.settings.gradient_accumulation_steps // self.processes.world_size
 
     def set_gradient_sync(self, enabled):
-        """Gradients are reduced on the last micro-step only (the switch is on the DDP/FSDP module, not a compiled wrapper)."""
-        if not self.processes.distributed:
-            return
-        if self.settings.fsdp:
-            self.wrapped.set_requires_gradient_sync(enabled)
-        else:
+        """DDP reduces gradients on the last micro-step only (the switch is on the DDP module, not a compiled wrapper).
+        FSDP reduce-scatters on every micro-step: with sync off between micro-steps FSDP2 would hold every
+        parameter's unsharded gradient on every process until the last one, which is the memory sharding saves."""
+        if self.processes.distributed and not self.settings.fsdp:
             self.wrapped.require_backward_grad_sync = enabled
 
 
@@ -517,6 +710,7 @@ def train_step(state, batches, step):
     settings, processes, dev = state.settings, state.processes, state.device
     offsets = batches.offsets(TRAIN_STREAM, step, settings.gradient_accumulation_steps * settings.batch_size, "train")
     loss_sum = torch.zeros((), device=dev)
+    measuring = state.gradient_bytes is None  # the first step: how much gradient storage is held, measured
     for micro in range(state.micro_steps):
         state.set_gradient_sync(micro == state.micro_steps - 1)
         micro_batch = processes.rank * state.micro_steps + micro  # its index in the global batch
@@ -527,6 +721,8 @@ def train_step(state, batches, step):
             _, loss = state.runner(X, Y)
         loss_sum += loss.detach().float()
         state.scaler.scale(loss / state.micro_steps).backward()
+        if measuring:
+            state.gradient_bytes = max(state.gradient_bytes or 0, gradient_bytes(state.model))
     # one all-reduce carries the loss sum and the stop flag of every process
     summary = torch.stack([loss_sum, torch.tensor(float(StopRequest.requested), device=dev)])
     if processes.distributed:
@@ -534,12 +730,17 @@ def train_step(state, batches, step):
     step_loss = summary[0].item() / settings.gradient_accumulation_steps
     stop_requested = summary[1].item() > 0
     if not math.isfinite(step_loss) and not state.scaler.is_enabled():  # float16 overflows are the scaler's to skip
-        kept = ("so the last good checkpoint in " + settings.out_dir + " is kept"
-                if os.path.exists(checkpoint_path(settings.out_dir)) else "and no checkpoint had been written yet")
-        raise UserError(f"loss became {step_loss} at step {step}; stopped without saving, {kept}. "
-                        f"Try a lower --learning_rate or check the data")
+        raise diverged("loss", step_loss, step, settings.out_dir)
     grad_norm, skipped = optimizer_step(state)
     return StepResult(step_loss, grad_norm, stop_requested, skipped)
+
+
+def diverged(what, value, step, out_dir):
+    """The error of a run whose loss is no longer a number: nothing is saved, the last good checkpoint stays."""
+    kept = ("so the last good checkpoint in " + out_dir + " is kept"
+            if os.path.exists(checkpoint_path(out_dir)) else "and no checkpoint had been written yet")
+    return UserError(f"{what} became {value} at step {step}; stopped without saving, {kept}. "
+                     f"Try a lower --learning_rate or check the data")
 
 
 def optimizer_step(state):
@@ -563,13 +764,15 @@ def optimizer_step(state):
 @torch.no_grad()
 def estimate_loss(state, batches):
     """Mean loss over eval_iters fixed batches per split, shared out over the processes. Every process
-    runs the same number of forwards (FSDP needs all of them in each one)."""
+    runs the same number of forwards (FSDP needs all of them in each one). A stop request is honoured
+    between batches (StopAgreed)."""
     eval_iters, batch_size, processes, dev = state.settings.eval_iters, state.settings.batch_size, state.processes, state.device
     losses = {}
     state.runner.eval()
     for split, stream in EVAL_STREAMS.items():
         total = torch.zeros(2, device=dev)  # loss sum, batch count
         for j in range(math.ceil(eval_iters / processes.world_size)):
+            check_stop(processes, dev)
             i = j * processes.world_size + processes.rank
             offsets = batches.offsets(stream, min(i, eval_iters - 1), batch_size, split)
             X, Y = (t.to(dev) for t in batches.rows(split, offsets))
@@ -584,21 +787,47 @@ def estimate_loss(state, batches):
     return losses
 
 
-def write_checkpoint(path, model, optimizer, scaler, processes, **values):
-    """The model, optimizer and scaler state with `values`. Every process takes part (FSDP gathers the
-    full state); only rank 0 writes."""
+def save_run(state, position, evaluated, val_loss=None):
+    """
+    out_dir/ckpt.pt, the state to continue from at position.step (evaluated=False marks one written on a stop
+    request: a resume evaluates that step first), and with val_loss (an improved validation loss) out_dir/best.pt,
+    the weights alone. ckpt.pt goes first, so its best_val_loss is never above best.pt's: a crash between the two
+    writes may lose the newest best weights, but no later write can replace better ones. Every process takes
+    part (FSDP gathers the full state); rank 0 writes, and a file it cannot write (a full disk) ends every
+    process with its one line.
+    """
     from torch.distributed.checkpoint.state_dict import get_state_dict, StateDictOptions
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    settings, processes = state.settings, state.processes
+    model_sd, optim_sd = get_state_dict(state.model, state.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    weights = dict(model=model_sd, model_args=state.model.config.to_dict(), chars=state.chars, iter_num=position.step,
+                   config=vars(settings))
+
+    def write():
+        save_checkpoint(dict(weights, optimizer=optim_sd, scaler=state.scaler.state_dict(), evaluated=evaluated,
+                             best_val_loss=position.best_val_loss, world_size=processes.world_size),
+                        checkpoint_path(settings.out_dir, "last"))
+        if val_loss is not None:
+            save_checkpoint(dict(weights, val_loss=val_loss), checkpoint_path(settings.out_dir, "best"))
+    on_rank_0_for_all(write, processes)
+    position.saved_step = position.step
+
+
+def on_rank_0_for_all(action, processes):
+    """action() on rank 0 alone; a UserError there (a full disk, an unwritable folder) is raised on every process
+    with the same message (printed once), so none is left waiting in a collective for rank 0."""
+    error = None
     if processes.master:
-        save_checkpoint(dict(model=model_sd, optimizer=optim_sd, scaler=scaler.state_dict(), **values), path)
-
-
-def save_run(state, step, best_val_loss, evaluated):
-    """The run's checkpoint at `step`. evaluated=False marks one written on a signal: a resume evaluates that step first."""
-    write_checkpoint(checkpoint_path(state.settings.out_dir), state.model, state.optimizer, state.scaler, state.processes,
-                     model_args=state.model.config.to_dict(), iter_num=step, best_val_loss=best_val_loss,
-                     evaluated=evaluated, config=vars(state.settings), world_size=state.processes.world_size,
-                     chars=state.chars)
+        try:
+            action()
+        except UserError as e:
+            error = str(e)
+    if processes.distributed:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise UserError(error)
 
 
 def restore_training_state(checkpoint, raw_model, optimizer, scaler):
@@ -613,19 +842,35 @@ def restore_training_state(checkpoint, raw_model, optimizer, scaler):
         scaler.load_state_dict(checkpoint["scaler"])
 
 
-def training_state_bytes(model, optimizer):
-    """Bytes of parameters, gradients and optimizer state held by this process (its shards under FSDP)."""
-    def local(t):
-        return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's shard on this process
-    params = [local(p) for p in model.parameters()]
-    moments = [local(v) for per_param in optimizer.state.values() for v in per_param.values() if torch.is_tensor(v)]
-    return dict(params=sum(t.numel() * t.element_size() for t in params),
-                grads=sum(t.numel() * t.element_size() for t in params),  # one gradient per parameter element
-                optimizer=sum(t.numel() * t.element_size() for t in moments))
+def local_bytes(tensors):
+    """Bytes this process stores for `tensors` (a DTensor's local shard under FSDP)."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    return sum(t.numel() * t.element_size() for t in local)
+
+
+def gradient_bytes(model):
+    """The gradient storage this process holds now: its .grad tensors (their shards under FSDP), and the unsharded
+    gradients FSDP2 keeps between micro-steps when its gradient sync is off (on its unsharded parameters, or
+    accumulated in the reduce dtype), so that the report shows what is held whatever the sync setting."""
+    held = [p.grad for p in model.parameters() if p.grad is not None]
+    for module in model.modules():
+        group = module._get_fsdp_state()._fsdp_param_group if hasattr(module, "_get_fsdp_state") else None
+        for fsdp_param in group.fsdp_params if group is not None else ():
+            unsharded = getattr(fsdp_param, "_unsharded_param", None)
+            held += [g for g in (getattr(fsdp_param, "unsharded_accumulated_grad", None), getattr(unsharded, "grad", None))
+                     if g is not None]
+    return local_bytes(held)
+
+
+def training_state_bytes(state):
+    """Bytes of parameters, gradients (the most held during the first step, measured) and optimizer state held by
+    this process (its shards under FSDP)."""
+    moments = [v for per_param in state.optimizer.state.values() for v in per_param.values() if torch.is_tensor(v)]
+    return dict(params=local_bytes(state.model.parameters()), grads=state.gradient_bytes or 0, optimizer=local_bytes(moments))
 
 
 def report_training_state(state, log, step):
-    held = gather_from_every_rank(training_state_bytes(state.model, state.optimizer), state.processes)
+    held = gather_from_every_rank(training_state_bytes(state), state.processes)
     for rank, parts in enumerate(held):
         log.print(f"rank {rank} holds {sum(parts.values()) / 2**20:,.1f} MiB of training state: " +
                   ", ".join(f"{k} {v / 2**20:,.1f}" for k, v in parts.items()))
@@ -650,12 +895,25 @@ def log_step(state, log, step, result, lr, dt):
     log.print(f"iter {step}: loss {result.loss:.4f}, time {dt * 1000:.1f}ms, {tokens_per_sec:,.0f} tok/s{mfu_text}{skipped_text}")
 
 
+HELLASWAG_CHUNK = 16  # examples per process between two looks at a stop request
+
+
 def run_hellaswag(state, examples, encode, log, step):
+    """evaluate_hellaswag over the examples in chunks, with a stop request honoured between them (StopAgreed);
+    every example is scored alone, so the chunks add up to one pass over all of them."""
     # the uncompiled module: every example has its own length, which would recompile a compiled one
-    result = evaluate_hellaswag(state.model, examples, state.device, state.autocast, encode, state.processes.rank,
-                                state.processes.world_size)
-    log.print(f"step {step}: hellaswag {result['n']} examples, acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f}")
-    log.metrics(dict(iter=step, hellaswag_acc=result["acc"], hellaswag_acc_norm=result["acc_norm"], hellaswag_n=result["n"]))
+    processes, chunk = state.processes, HELLASWAG_CHUNK * state.processes.world_size
+    correct, correct_norm = 0, 0
+    for start in range(0, len(examples), chunk):
+        check_stop(processes, state.device)
+        part = examples[start:start + chunk]
+        result = evaluate_hellaswag(state.model, part, state.device, state.autocast, encode, processes.rank,
+                                    processes.world_size)
+        correct += sum(p == e["label"] for p, e in zip(result["pred"], part))
+        correct_norm += sum(p == e["label"] for p, e in zip(result["pred_norm"], part))
+    n = len(examples)
+    log.print(f"step {step}: hellaswag {n} examples, acc {correct / n:.4f}, acc_norm {correct_norm / n:.4f}")
+    log.metrics(dict(iter=step, hellaswag_acc=correct / n, hellaswag_acc_norm=correct_norm / n, hellaswag_n=n))
 
 
 # -----------------------------------------------------------------------------
@@ -705,32 +963,108 @@ def start_training(settings, model, processes, dev, ptdtype, chars):
                       processes, autocast_context(dev, autocast_dtype), dev, chars)
 
 
-def log_start(state, log, init_from, step, ptdtype):
+def log_start(state, log, init_from, step, ptdtype, changes):
+    """The start line (and record): how the run is laid out, where it starts, and what a resume changed."""
     settings, processes, model = state.settings, state.processes, state.model
     mode = ("FSDP" if settings.fsdp else "DDP") if processes.distributed else "single process"
     log.print(f"{mode} on {processes.world_size} x {state.device}, {ptdtype}, compile={state.runner is not state.wrapped}; "
               f"model {model.get_num_params() / 1e6:.2f}M parameters; "
               f"{settings.gradient_accumulation_steps * settings.batch_size * model.config.block_size:,} tokens per step; "
               f"init_from={init_from}" + (f" at step {step}" if init_from == "resume" else ""))
+    if changes:
+        log.print("changed since the checkpoint's run: " + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items()))
     log.metrics(dict(event="start", iter=step, init_from=init_from, world_size=processes.world_size, device=state.device,
-                     dtype=ptdtype, params=model.get_num_params()))
+                     dtype=ptdtype, params=model.get_num_params(), changed={key: new for key, (_, new) in changes.items()}))
     if step >= settings.max_iters and not settings.eval_only and init_from == "resume":
         log.print(f"the checkpoint is at step {step}, not below --max_iters={settings.max_iters}: nothing to train")
 
 
-def evaluate(state, batches, log, step, lr, best_val_loss):
-    """Losses on the evaluation batches, logged; a checkpoint when they improve (or always_save_checkpoint).
-    Returns the best validation loss so far."""
+@dataclass
+class RunPosition:
+    """Where the run stands: the step about to be taken, the best validation loss so far, the step a resumed
+    checkpoint had evaluated already (not evaluated again), and the step of the last checkpoint written."""
+    step: int = 0
+    best_val_loss: float = math.inf
+    evaluated_step: int | None = None
+    saved_step: int | None = None
+
+    @classmethod
+    def of(cls, checkpoint, eval_only):
+        if checkpoint is None:
+            return cls()
+        step = checkpoint["iter_num"]
+        evaluated = checkpoint.get("evaluated", True) and not eval_only
+        return cls(step, checkpoint["best_val_loss"], step if evaluated else None, step)
+
+
+def evaluate(state, batches, log, position, lr):
+    """Losses on the evaluation batches, logged; then (unless eval_only) ckpt.pt, and best.pt too when the
+    validation loss improves. A stop request during it ends it (StopAgreed) before any file is written."""
     settings = state.settings
     losses = estimate_loss(state, batches)
-    log.print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-    log.metrics(dict(iter=step, train_loss=losses["train"], val_loss=losses["val"], lr=lr))
-    if losses["val"] < best_val_loss or settings.always_save_checkpoint:
-        best_val_loss = min(best_val_loss, losses["val"])
-        if step > 0 and not settings.eval_only:
-            save_run(state, step, best_val_loss, evaluated=True)
-            log.print(f"saved checkpoint to {checkpoint_path(settings.out_dir)}")
-    return best_val_loss
+    log.print(f"step {position.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    log.metrics(dict(iter=position.step, train_loss=losses["train"], val_loss=losses["val"], lr=lr))
+    if settings.eval_only:
+        return
+    if not math.isfinite(losses["val"]):  # weights gone bad in the last step: never a checkpoint of them
+        raise diverged("validation loss", losses["val"], position.step, settings.out_dir)
+    improved = losses["val"] < position.best_val_loss
+    position.best_val_loss = min(position.best_val_loss, losses["val"])
+    save_run(state, position, evaluated=True, val_loss=losses["val"] if improved else None)
+    log.print(f"saved {checkpoint_path(settings.out_dir)}" + (f" and {checkpoint_path(settings.out_dir, 'best')} "
+                                                               f"(val loss improved)" if improved else ""))
+
+
+def stop(state, log, position):
+    """A stop request agreed by every process: the checkpoint of this step (unless it was just written), then a note."""
+    if position.saved_step != position.step:
+        save_run(state, position, evaluated=False)
+    log.print(f"stopped at step {position.step} on request; checkpoint saved to {checkpoint_path(state.settings.out_dir)}. "
+              f"Continue with the same command and --init_from=auto (or --init_from=resume); exit status {STOPPED_EXIT}")
+
+
+def train_loop(state, batches, log, position, hellaswag):
+    """Evaluate when due, then one optimizer step, until max_iters (True) or a stop request (False, a checkpoint
+    written). hellaswag: (examples, encode) or None."""
+    settings = state.settings
+    first_step, skipped_in_a_row, stop_requested, t0 = position.step, 0, False, time.time()
+    while True:
+        step = position.step
+        lr = lr_at(step, settings.learning_rate, settings.warmup_iters, settings.lr_decay_iters, settings.min_lr, settings.decay_lr)
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        last_step = step >= settings.max_iters
+        due = lambda interval: (step % interval == 0 or last_step or settings.eval_only) and step != position.evaluated_step
+        try:
+            if stop_requested:  # nothing but the checkpoint: torchrun and SLURM kill 30 s after their signal
+                raise StopAgreed
+            if due(settings.eval_interval):
+                evaluate(state, batches, log, position, lr)
+                check_stop(state.processes, state.device)  # a request that came during the checkpoint write
+                t0 = time.time()  # step timings leave evaluation out
+            if hellaswag is not None and due(settings.hellaswag_interval):
+                run_hellaswag(state, *hellaswag, log, step)
+                t0 = time.time()
+        except StopAgreed:
+            stop(state, log, position)
+            return False
+        if settings.eval_only or last_step:
+            return True
+
+        result = train_step(state, batches, step)
+        stop_requested = result.stop_requested
+        skipped_in_a_row = skipped_in_a_row + 1 if result.skipped else 0
+        if skipped_in_a_row >= MAX_SKIPPED_STEPS:
+            raise UserError(f"float16 gradients overflowed {skipped_in_a_row} steps in a row up to step {step} "
+                            f"(loss {result.loss}): the run diverged; try a lower --learning_rate "
+                            f"or --dtype=bfloat16 on a GPU that has it")
+        t1 = time.time()
+        dt, t0 = t1 - t0, t1
+        if step % settings.log_interval == 0:
+            log_step(state, log, step, result, lr, dt)
+        if step == first_step:  # optimizer state exists now: report what each process holds
+            report_training_state(state, log, step)
+        position.step += 1
 
 
 def release(log):
@@ -751,14 +1085,15 @@ def release(log):
 # -----------------------------------------------------------------------------
 
 def main():
-    settings = SimpleNamespace(**apply_overrides(globals(), sys.argv[1:]))
+    assigned = set()  # the settings the user set: a resume must not contradict them
+    settings = SimpleNamespace(**apply_overrides(globals(), sys.argv[1:], assigned=assigned))
     processes = processes_from_env()
     validate_settings(settings)
     dev, ptdtype = check_launch(settings, processes)
     data_dir = os.path.join(settings.data_root, settings.dataset)
     vocab_size, chars = data_vocabulary(data_dir)
     ckpt_path = checkpoint_path(settings.out_dir)
-    if settings.init_from in ("scratch", "auto"):  # the settings must make a model, whatever auto decides
+    if "scratch" in (settings.init_from, settings.auto_from):  # the settings must make a model, whatever auto decides
         check_model_settings(settings, vocab_size)
     hellaswag_examples = read_hellaswag_examples(settings, vocab_size, chars)
 
@@ -767,70 +1102,32 @@ def main():
         init_process_group(processes, dev.split(":")[0])
         if dev.startswith("cuda"):
             torch.cuda.set_device(dev)
-        init_from = resolve_init_from(settings.init_from, ckpt_path, processes)
-        model, checkpoint = build_model(settings, init_from, vocab_size, chars, processes)
+        init_from = resolve_init_from(settings, ckpt_path, processes)
+        model, checkpoint = build_model(settings, assigned, init_from, vocab_size, chars, processes)
         batches = BatchStream(data_dir, model.config.block_size, settings.seed, model.config.vocab_size)
         batches.check()
+        hellaswag = None
         if hellaswag_examples is not None:
-            encode = get_tokenizer().encode
+            hellaswag = (hellaswag_examples, get_tokenizer().encode)
             for i, example in enumerate(hellaswag_examples):  # an ending the model cannot hold: say so before training
-                example_rows(example, encode, model.config.block_size, i)
+                example_rows(example, hellaswag[1], model.config.block_size, i)
         state = start_training(settings, model, processes, dev, ptdtype, chars)
-        iter_num, best_val_loss, evaluated_step = 0, math.inf, None  # evaluated_step: the resumed step, evaluated before
+        position, changes = RunPosition.of(checkpoint, settings.eval_only), changed_settings(settings, checkpoint)
         if checkpoint is not None:
             restore_training_state(checkpoint, state.model, state.optimizer, state.scaler)
-            iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-            evaluated_step = iter_num if checkpoint.get("evaluated", True) and not settings.eval_only else None
         model = checkpoint = None  # state holds the model; the checkpoint's tensors can go
 
         wandb_settings = dict(project=settings.wandb_project, name=settings.wandb_run_name, config=vars(settings))
         log = RunLog(settings.out_dir, processes.master, wandb_settings if settings.wandb_log else None)
-        log_start(state, log, init_from, iter_num, ptdtype)
+        log_start(state, log, init_from, position.step, ptdtype, changes)
         StopRequest.install(under_torchrun=processes.distributed)
-        first_iter, stop_requested, skipped_in_a_row = iter_num, False, 0
-        t0 = time.time()
-        while True:
-            lr = lr_at(iter_num, settings.learning_rate, settings.warmup_iters, settings.lr_decay_iters, settings.min_lr,
-                       settings.decay_lr)
-            for group in state.optimizer.param_groups:
-                group["lr"] = lr
-            if stop_requested:  # nothing but the checkpoint: torchrun and SLURM kill 30 s after their signal
-                save_run(state, iter_num, best_val_loss, evaluated=False)
-                log.print(f"stopped at step {iter_num} on a signal; checkpoint saved to {ckpt_path}. "
-                          f"Continue with --init_from=resume (or --init_from=auto)")
-                break
-
-            # evaluate and checkpoint (a resumed run already did this at the step it resumed from)
-            last_step = iter_num >= settings.max_iters
-            due = lambda interval: (iter_num % interval == 0 or last_step or settings.eval_only) and iter_num != evaluated_step
-            if due(settings.eval_interval):
-                best_val_loss = evaluate(state, batches, log, iter_num, lr, best_val_loss)
-                t0 = time.time()  # step timings leave evaluation out
-            if hellaswag_examples is not None and due(settings.hellaswag_interval):
-                run_hellaswag(state, hellaswag_examples, encode, log, iter_num)
-                t0 = time.time()
-            if settings.eval_only or last_step:
-                break
-
-            result = train_step(state, batches, iter_num)
-            stop_requested = result.stop_requested
-            skipped_in_a_row = skipped_in_a_row + 1 if result.skipped else 0
-            if skipped_in_a_row >= MAX_SKIPPED_STEPS:
-                raise UserError(f"float16 gradients overflowed {skipped_in_a_row} steps in a row up to step {iter_num} "
-                                f"(loss {result.loss}): the run diverged; try a lower --learning_rate "
-                                f"or --dtype=bfloat16 on a GPU that has it")
-            t1 = time.time()
-            dt, t0 = t1 - t0, t1
-            if iter_num % settings.log_interval == 0:
-                log_step(state, log, iter_num, result, lr, dt)
-            if iter_num == first_iter:  # optimizer state exists now: report what each process holds
-                report_training_state(state, log, iter_num)
-            iter_num += 1
+        finished = train_loop(state, batches, log, position, hellaswag)
         if processes.distributed:
             dist.barrier()
     finally:
         state = model = None
         release(log)
+    return 0 if finished else STOPPED_EXIT
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ wandb_project = "shakespeare"
 wandb_run_name = "ft-" + str(time.time())
 
 dataset = "shakespeare"
-init_from = "gpt2"  # the smallest GPT-2 (124M); gpt2-xl needs a large GPU
+# one command for the first launch and every relaunch: resume out_dir's run when there is one, else start
+# from the smallest GPT-2 (124M; gpt2-xl needs a large GPU)
+init_from = "auto"
+auto_from = "gpt2"
 
-always_save_checkpoint = False  # keep the best val checkpoint
 
 # 1 x 32 x 1024 = 32,768 tokens per step; shakespeare has 301,966 training tokens, so 1 epoch ~ 9.2 steps
 batch_size = 1

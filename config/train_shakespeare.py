@@ -4,7 +4,6 @@
 import torch
 
 out_dir = "out-shakespeare-bpe"
-always_save_checkpoint = False  # keep the best-val checkpoint
 log_interval = 10
 
 dataset = "shakespeare"

@@ -3,7 +3,6 @@ out_dir = "out-shakespeare-char"
 eval_interval = 250  # small data: evaluate often, it overfits
 eval_iters = 200
 log_interval = 10
-always_save_checkpoint = False  # keep the best-val checkpoint
 
 dataset = "shakespeare_char"
 gradient_accumulation_steps = 1

@@ -14,7 +14,6 @@ out_dir = "out-shakespeare-char-cpu"
 eval_interval = 700
 eval_iters = 20
 log_interval = 50
-always_save_checkpoint = False
 
 dataset = "shakespeare_char"
 gradient_accumulation_steps = 1

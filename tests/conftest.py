@@ -96,7 +96,7 @@ TINY_TRAIN_ARGS = ["train.py", "--dataset=shakespeare_char", "--device=cpu", "--
                    "--batch_size=4", "--gradient_accumulation_steps=1",
                    "--learning_rate=1e-3", "--min_lr=1e-4", "--beta2=0.99", "--warmup_iters=5",
                    "--max_iters=10", "--lr_decay_iters=10",
-                   "--eval_interval=5", "--eval_iters=2", "--log_interval=1", "--always_save_checkpoint=False"]
+                   "--eval_interval=5", "--eval_iters=2", "--log_interval=1"]
 
 
 def read_metrics(out_dir):

@@ -128,6 +128,20 @@ def test_two_ranks_match_one_process(data_root, single, tmp_path, mode):
         assert abs(held["grad_bytes"] - expected) <= 0.02 * whole_grads["grad_bytes"], (rank, held, whole_grads)
 
 
+@pytest.mark.parametrize("micro_steps", [1, 8])
+def test_fsdp_keeps_gradients_sharded_across_micro_steps(data_root, single, tmp_path, micro_steps):
+    """The gradient storage each rank reports is measured on the tensors it holds (FSDP's unsharded ones
+    included): half of the whole model's at 1 and at 8 micro-steps, as with the gradient sync left on
+    FSDP reduce-scatters every micro-step and keeps no unsharded gradient in between."""
+    out = str(tmp_path)
+    train(data_root, out, 2, "--max_iters=1", "--eval_interval=5", f"--gradient_accumulation_steps={2 * micro_steps}",
+          "--fsdp=True")
+    state = next(r["state_mib_per_rank"] for r in read_metrics(out) if "state_mib_per_rank" in r)
+    whole = next(r["state_mib_per_rank"] for r in read_metrics(single) if "state_mib_per_rank" in r)[0]
+    for rank in state:
+        assert abs(rank["grads"] - whole["grads"] / 2) <= 0.02 * whole["grads"], (rank["grads"], whole["grads"])
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_grad_checkpointing_recomputes_and_matches(data_root, single, tmp_path, mode):
     """Each block runs forward twice per micro-step (once more in backward), and the run is the same run."""

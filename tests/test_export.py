@@ -415,7 +415,7 @@ E2E = {
 def test_train_export_sample_end_to_end(data_root, tmp_path, name):
     out_dir, folder = tmp_path / "run", tmp_path / "hf"
     run_script(*TINY_TRAIN_ARGS, f"--data_root={data_root}", f"--out_dir={out_dir}", "--n_head=4", "--max_iters=6",
-               "--learning_rate=1e-2", "--always_save_checkpoint=True", *E2E[name], check=True, timeout=300)
+               "--learning_rate=1e-2", *E2E[name], check=True, timeout=300)
     result = run_script("export_hf.py", f"--out_dir={out_dir}", f"--hf_dir={folder}", check=True, timeout=300)
     assert str(folder) in result.stdout
     loaded = load_model("resume", str(out_dir))
@@ -431,7 +431,7 @@ def test_train_export_sample_end_to_end(data_root, tmp_path, name):
     # and train.py starts from the folder (a fresh run, the architecture taken from config.json)
     again = tmp_path / "again"
     run_script(*TINY_TRAIN_ARGS, f"--data_root={data_root}", f"--out_dir={again}", f"--init_from={folder}",
-               "--max_iters=1", "--eval_interval=1", "--always_save_checkpoint=True",
+               "--max_iters=1", "--eval_interval=1",
                *(["--dataset=shakespeare"] if name == "gpt2-bpe" else []), check=True, timeout=300)
     args = torch.load(again / "ckpt.pt", weights_only=True)["model_args"]
     ours = loaded.model.config

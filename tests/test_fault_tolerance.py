@@ -19,7 +19,7 @@ from conftest import REPO, TINY_TRAIN_ARGS, read_metrics, run_script, script_env
 
 # dropout on, so the masks must follow (seed, step, micro-batch) for the runs to agree
 ARGS = [*TINY_TRAIN_ARGS[1:], "--dropout=0.1", "--gradient_accumulation_steps=2", "--batch_size=2",
-        "--max_iters=16", "--lr_decay_iters=16", "--eval_interval=4", "--always_save_checkpoint=True",
+        "--max_iters=16", "--lr_decay_iters=16", "--eval_interval=4",
         "--bias=False"]  # bias=False: see test_distributed.py (key-bias roundoff differs across world sizes)
 TIMEOUT = 240
 
@@ -108,17 +108,17 @@ def uninterrupted(data_root, tmp_path_factory):
 def test_auto_starts_from_scratch_on_an_empty_out_dir_and_resumes_from_a_full_one(data_root, tmp_path):
     out = str(tmp_path / "run")
     first = run_script(*TINY_TRAIN_ARGS, f"--data_root={data_root}", f"--out_dir={out}", "--init_from=auto",
-                       "--max_iters=5", "--always_save_checkpoint=True", check=True)
+                       "--max_iters=5", check=True)
     assert "init_from=scratch" in first.stdout
     assert [r["init_from"] for r in read_metrics(out) if r.get("event") == "start"] == ["scratch"]
     second = run_script(*TINY_TRAIN_ARGS, f"--data_root={data_root}", f"--out_dir={out}", "--init_from=auto",
-                        "--max_iters=10", "--always_save_checkpoint=True", check=True)
+                        "--max_iters=10", check=True)
     assert "init_from=resume at step 5" in second.stdout
     starts = [r for r in read_metrics(out) if r.get("event") == "start"]
     assert [(r["init_from"], r["iter"]) for r in starts] == [("scratch", 0), ("resume", 5)]
     reference = str(tmp_path / "reference")
     run_script(*TINY_TRAIN_ARGS, f"--data_root={data_root}", f"--out_dir={reference}", "--max_iters=10",
-               "--always_save_checkpoint=True", check=True)
+               check=True)
     assert losses_by_step(out) == losses_by_step(reference)
 
 

@@ -4,6 +4,7 @@ against an explicit double loop, the cache sizes generate makes against position
 path (weights re-laid (in, out) while decoding, an in-place token buffer) against the plain forward.
 """
 
+from contextlib import contextmanager, nullcontext
 import pytest
 import torch
 
@@ -154,13 +155,15 @@ def test_decode_layout_tokens_equal_the_plain_layout(batch, monkeypatch):
                           dim=1) for temperature in (0, 1.0)]
 
     seen = []
-    real_layout = type(model)._decode_layout
+    real_layout = type(model).cpu_decode_layout
 
+    @contextmanager
     def recording_layout(self, batch_size):
-        params = real_layout(self, batch_size) if self is model else []  # the plain copy keeps nn.Linear's layout
-        seen.append((self is model, len(params)))
-        return params
-    monkeypatch.setattr(type(model), "_decode_layout", recording_layout)
+        # the plain copy keeps nn.Linear's layout; the model enters the real re-layout and counts what it re-laid
+        with (real_layout(self, batch_size) if self is model else nullcontext()):
+            seen.append((self is model, sum(not p.is_contiguous() for p in self.parameters())))
+            yield
+    monkeypatch.setattr(type(model), "cpu_decode_layout", recording_layout)
     relaid_tokens, plain_tokens = decode(model), decode(plain)
     assert seen == [(True, seen[0][1])] * 2 + [(False, 0)] * 2 and seen[0][1] >= 1  # re-laid in the first decodes only
     for a, b in zip(relaid_tokens, plain_tokens):

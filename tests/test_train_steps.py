@@ -135,10 +135,10 @@ def test_grad_scaler_state_goes_into_the_checkpoint_and_back(stream, tmp_path):
     scaler._growth_interval = 1  # grow after every clean step, so the state differs from a fresh scaler
     step(model, optimizer, scaler, stream)
     assert scaler.get_scale() == 2.0**6
-    path = str(tmp_path / "ckpt.pt")
-    train.write_checkpoint(path, model, optimizer, scaler, train.Processes(), model_args=model.config.to_dict(), iter_num=1,
-                           best_val_loss=1.0, config={}, world_size=1, chars=None)
-    checkpoint = torch.load(path, weights_only=True)
+    state = SimpleNamespace(settings=SimpleNamespace(out_dir=str(tmp_path)), model=model, optimizer=optimizer, scaler=scaler,
+                            processes=train.Processes(), chars=None)
+    train.save_run(state, train.RunPosition(step=1, best_val_loss=1.0), evaluated=True)
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     fresh_model, fresh_optimizer, fresh_scaler = make_run(stream, scaler_enabled=True, init_scale=1.0)
     fresh_model.load_state_dict(checkpoint["model"])
     train.restore_training_state(checkpoint, fresh_model, fresh_optimizer, fresh_scaler)
