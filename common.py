@@ -187,7 +187,7 @@ def checkpoint_path(out_dir: str, which: str = "last") -> str:
         raise UserError(f"unknown checkpoint {which!r}; use {', '.join(CHECKPOINT_CHOICES)} "
                         f"(auto: {BEST_NAME} when present, else {CHECKPOINT_NAME})")
     best = os.path.join(out_dir, BEST_NAME)
-    if which == "best" or (which == "auto" and os.path.exists(best)):
+    if which == "best" or (which == "auto" and current_checkpoint(best) is not None):
         return best
     return os.path.join(out_dir, CHECKPOINT_NAME)
 
@@ -364,6 +364,7 @@ def load_trained(out_dir: str, checkpoint: dict | None = None, need_decoding: bo
     best.pt when the run has one, else ckpt.pt), or `checkpoint`, already read from out_dir/ckpt.pt.
     A character-level model without its character list is a UserError unless need_decoding=False."""
     path = checkpoint_path(out_dir, "last" if checkpoint is not None else which)
+    path = current_checkpoint(path) or path  # the file, or its sharded twin: the one read, named in messages
     if checkpoint is None:
         checkpoint = load_checkpoint(path)
     try:

@@ -30,7 +30,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict, StateDictOptions
 
-from common import UserError, SHARDED_INDEX_NAME as INDEX_NAME
+from common import UserError, tensor_bytes, unwritable, SHARDED_INDEX_NAME as INDEX_NAME
 
 STEP_PREFIX = "step-"
 SHARDED = StateDictOptions(full_state_dict=False)  # each process's own shards, never a gathered copy
@@ -190,6 +190,7 @@ class ShardedCheckpointer:
         self.group = dist.new_group(backend="gloo") if self.distributed and asynchronous else None
         self.committer = ThreadPoolExecutor(max_workers=1) if asynchronous else None
         self.pending: Future | None = None
+        self.pending_target: tuple[str, int] | None = None  # the pending save's path and size, for its error
 
     def save(self, path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, values: dict,
              replaces: str | None = None) -> None:
@@ -206,19 +207,43 @@ class ShardedCheckpointer:
             dist.barrier()
         state, _ = training_state(model, optimizer)
         writer = dcp.FileSystemWriter(folder)
+        needed = tensor_bytes(state)  # a DTensor counts whole: what every process's shards need together
         if not self.asynchronous:
-            dcp.save(state, storage_writer=writer, no_dist=alone())
-            self._commit(path, step_name, values, replaces)
+            try:
+                dcp.save(state, storage_writer=writer, no_dist=alone())
+                self._commit(path, step_name, values, replaces)
+            except (dcp.api.CheckpointException, OSError) as e:
+                raise self._unwritten(path, e, needed) from None
             return
         written = dcp.async_save(state, storage_writer=writer, process_group=self.group, no_dist=alone())
         upload = getattr(written, "upload_completion", written)  # a Future, or an AsyncSaveResponse's upload
         self.pending = self.committer.submit(self._commit_when_written, upload, path, step_name, values, replaces)
+        self.pending_target = (path, needed)
 
     def wait(self) -> None:
         """Block until the save in progress (if any) is written and switched to; re-raise what it failed with."""
         if self.pending is not None:
             pending, self.pending = self.pending, None
-            pending.result()
+            try:
+                pending.result()
+            except (dcp.api.CheckpointException, OSError) as e:
+                raise self._unwritten(self.pending_target[0], e, self.pending_target[1]) from None
+
+    def _unwritten(self, path: str, error: BaseException, needed: int) -> BaseException:
+        """A save that failed: its step folder removed (rank 0), and a full disk or a refused folder turned into
+        the one line common.unwritable says; anything else is returned as it is, a bug to see whole."""
+        if self.rank == 0:
+            self._remove_unused_steps(path, keep=None)
+        causes = [f[0] for f in error.failures.values()] if isinstance(error, dcp.api.CheckpointException) else [error]
+        for cause in causes:
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is not None:
+                try:
+                    return unwritable(path, cause, needed)
+                except OSError:
+                    break  # not a full disk or a refused folder
+        return error
 
     def close(self) -> None:
         try:
@@ -244,9 +269,22 @@ class ShardedCheckpointer:
 
     def _commit(self, path: str, step_name: str, values: dict, replaces: str | None = None) -> None:
         """Rank 0, once every process's shards are written (DCP's save returns after its metadata, which it
-        writes last): point checkpoint.json at them, atomically and durably, then drop the step it replaced."""
-        if self.rank != 0:
-            return
+        writes last): point checkpoint.json at them, atomically and durably, then drop the step it replaced.
+        A synchronous save shares rank 0's failure with every process, so none waits for it at the next step."""
+        failure = None
+        if self.rank == 0:
+            try:
+                self._switch(path, step_name, values, replaces)
+            except OSError as e:
+                failure = e
+        if self.distributed and not self.asynchronous:
+            box = [failure]
+            dist.broadcast_object_list(box, src=0)
+            failure = box[0]
+        if failure is not None:
+            raise failure
+
+    def _switch(self, path: str, step_name: str, values: dict, replaces: str | None) -> None:
         index_path = os.path.join(path, INDEX_NAME)
         tmp_path = index_path + ".tmp"
         with open(tmp_path, "w", encoding="utf-8") as f:

@@ -19,6 +19,7 @@ from conftest import REPO, run_script, script_env
 from common import UserError, load_checkpoint, save_checkpoint, sharded_path, remove_sharded_twin
 from model import GPT, GPTConfig, new_sharded_model
 from sharded_checkpoint import ShardedCheckpointer, load_training_state, read_index
+from test_lifecycle import small_disk, fill  # noqa: F401  (a fixture)
 
 TIMEOUT = 240
 
@@ -360,3 +361,17 @@ def test_fsdp_shards_load_on_another_world_size(fsdp_run, nproc, mode):
     assert result.returncode == 0, result.stdout + result.stderr
     loaded = load_gathered(fsdp_run / f"loaded_{nproc}{'_ddp' if mode == 'ddp' else ''}.pt")
     assert_same(loaded, load_gathered(fsdp_run / "step2.pt"))
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(small_disk):  # noqa: F811 (the fixture)
+    model, optimizer = trained_tiny()
+    path = os.path.join(small_disk, "ckpt.dcp")
+    values = dict(model_args=model.config.to_dict(), iter_num=1)
+    ShardedCheckpointer().save(path, model, optimizer, values)
+    kept = sorted(os.listdir(path))
+    fill(small_disk, leave=16 * 1024)  # less than a checkpoint of this model
+    with pytest.raises(UserError, match="No space left on device.*needs about") as error:
+        ShardedCheckpointer().save(path, model, optimizer, dict(values, iter_num=2))
+    assert "ckpt.dcp" in str(error.value)
+    assert sorted(os.listdir(path)) == kept  # the half-written step folder is gone
+    assert load_checkpoint(path)["iter_num"] == 1
