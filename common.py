@@ -187,7 +187,7 @@ def checkpoint_path(out_dir: str, which: str = "last") -> str:
         raise UserError(f"unknown checkpoint {which!r}; use {', '.join(CHECKPOINT_CHOICES)} "
                         f"(auto: {BEST_NAME} when present, else {CHECKPOINT_NAME})")
     best = os.path.join(out_dir, BEST_NAME)
-    if which == "best" or (which == "auto" and os.path.exists(best)):
+    if which == "best" or (which == "auto" and current_checkpoint(best) is not None):
         return best
     return os.path.join(out_dir, CHECKPOINT_NAME)
 
@@ -244,10 +244,46 @@ def unwritable(path: str, error: OSError, needed: int) -> UserError:
                      f"then resume with --init_from=resume")
 
 
+# FSDP's checkpoints are folders of shards (sharded_checkpoint.py), the twins of the one-file paths:
+# out_dir/ckpt.pt -> out_dir/ckpt.dcp/, whose checkpoint.json is written last, when the shards are complete
+SHARDED_SUFFIX = ".dcp"
+SHARDED_INDEX_NAME = "checkpoint.json"
+
+
+def sharded_path(path: str) -> str:
+    """The sharded twin of a one-file checkpoint path: out_dir/ckpt.pt -> out_dir/ckpt.dcp."""
+    return os.path.splitext(path)[0] + SHARDED_SUFFIX
+
+
+def current_checkpoint(path: str) -> str | None:
+    """
+    The checkpoint to read for the one-file path `path` (out_dir/ckpt.pt): that file or its sharded twin
+    (out_dir/ckpt.dcp), whichever exists; when both do (a run that changed between FSDP and one process or DDP
+    and stopped before removing the other), the one written last. None when there is neither.
+    """
+    twin = sharded_path(path)
+    written = {p: os.stat(marker).st_mtime_ns for p, marker in ((path, path), (twin, os.path.join(twin, SHARDED_INDEX_NAME)))
+               if os.path.isfile(marker)}
+    return max(written, key=written.get) if written else None
+
+
+def remove_sharded_twin(path: str) -> None:
+    """Once the one-file checkpoint `path` is written, its sharded twin (an FSDP run's older state) goes."""
+    import shutil
+    if os.path.isdir(sharded_path(path)):
+        shutil.rmtree(sharded_path(path))
+
+
 def load_checkpoint(source: str | BinaryIO, map_location: str = "cpu", name: str | None = None) -> dict:
     """Load a checkpoint (a path, or a file-like object named `name` in messages) without running any code
-    from it (weights_only=True); clear errors for the rest."""
+    from it (weights_only=True); clear errors for the rest. A path whose checkpoint is sharded (its twin
+    folder, or the folder itself) is read whole on this one process, no process group needed."""
     name = name or source
+    if isinstance(source, str):
+        source = current_checkpoint(source) or source
+        if os.path.isdir(source):
+            from sharded_checkpoint import read_whole  # torch.distributed.checkpoint takes a while to import
+            return read_whole(source)
     if isinstance(source, str) and not os.path.exists(source):
         raise UserError(f"no checkpoint at {source}; train one first, or point --out_dir at the folder that has {os.path.basename(source)}")
     try:
@@ -328,6 +364,7 @@ def load_trained(out_dir: str, checkpoint: dict | None = None, need_decoding: bo
     best.pt when the run has one, else ckpt.pt), or `checkpoint`, already read from out_dir/ckpt.pt.
     A character-level model without its character list is a UserError unless need_decoding=False."""
     path = checkpoint_path(out_dir, "last" if checkpoint is not None else which)
+    path = current_checkpoint(path) or path  # the file, or its sharded twin: the one read, named in messages
     if checkpoint is None:
         checkpoint = load_checkpoint(path)
     try:

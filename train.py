@@ -28,6 +28,7 @@ import signal
 import threading
 import traceback
 import uuid
+import contextlib
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from types import SimpleNamespace
@@ -37,13 +38,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import GPT, GPTConfig, ConfigError, ATTENTION_IMPLS, GPT2_NAMES, PADDED_GPT2_VOCAB_SIZE
+from model import (GPT, GPTConfig, ConfigError, ATTENTION_IMPLS, GPT2_NAMES, PADDED_GPT2_VOCAB_SIZE, is_on_meta,
+                   materialise_sharded)
 from configurator import apply_overrides
 from optimizers import OptimizerGroup, muon_available
 from eval_hellaswag import load_hellaswag, evaluate_hellaswag, example_rows
 from common import (UserError, run_main, range_check, pick_device, pick_dtype, autocast_context, checkpoint_path,
                     save_checkpoint, load_checkpoint, new_model, load_trained, load_pretrained, read_char_vocab,
-                    is_character_vocabulary, estimate_mfu, get_tokenizer, unwritable)
+                    is_character_vocabulary, estimate_mfu, get_tokenizer, unwritable, current_checkpoint, sharded_path,
+                    remove_sharded_twin)
 
 # -----------------------------------------------------------------------------
 # default config: GPT-2 small (124M) on OpenWebText
@@ -111,6 +114,9 @@ hellaswag_max_examples = 0  # 0: all of them
 # distributed
 fsdp = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
 fsdp_cpu_offload = False
+# FSDP writes its checkpoints in shards, each process its own (ckpt.dcp/, best.dcp/); async_checkpoint=True writes
+# them in the background while training goes on (each process holds a copy of its shards meanwhile)
+async_checkpoint = False
 grad_checkpoint = False  # recompute activations block by block in backward: less memory, ~1/3 more compute
 # system
 device = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
@@ -162,6 +168,8 @@ def validate_settings(settings):
     need(settings.out_dir != "", "out_dir", "give a folder name")
     need(settings.dataset not in ("", ".", "..") and os.sep not in settings.dataset, "dataset", "give the name of a folder under data_root")
     need(not settings.fsdp_cpu_offload or settings.fsdp, "fsdp_cpu_offload", "it needs --fsdp=True")
+    need(not settings.async_checkpoint or settings.fsdp, "async_checkpoint",
+         "it needs --fsdp=True (one process and DDP write one file, synchronously)")
     if os.path.exists(settings.out_dir) and not os.path.isdir(settings.out_dir):
         raise UserError(f"out_dir {settings.out_dir!r} is a file, not a folder; choose another --out_dir")
     parent = os.path.abspath(settings.out_dir)
@@ -513,7 +521,7 @@ def resolve_init_from(settings, ckpt_path, processes):
     fresh = settings.auto_from if settings.init_from == "auto" else settings.init_from
     if settings.init_from == "resume" or (settings.init_from != "auto" and restart_count() == 0):
         return settings.init_from
-    found = any(gather_from_every_rank(os.path.exists(ckpt_path), processes))
+    found = any(gather_from_every_rank(current_checkpoint(ckpt_path) is not None, processes))
     if found and settings.init_from != "auto" and processes.master:
         print(f"restart {restart_count()} of a run that began from {fresh}: resuming from {ckpt_path} instead of starting over",
               file=sys.stderr, flush=True)
@@ -529,6 +537,23 @@ def checkpoint_step(path):
         return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["iter_num"])
     except Exception:  # damaged, or not train.py's: any readable copy elsewhere is better
         return -1
+
+
+def sharded_resume_source(ckpt_path, processes):
+    """
+    The sharded checkpoint (ckpt.dcp/) to resume from when the run's newest checkpoint is one, else None (ckpt.pt,
+    read by read_checkpoint_everywhere). Every process reads its own part of it, so every process must see it: a
+    filesystem the nodes share.
+    """
+    found = current_checkpoint(ckpt_path)
+    sharded = gather_from_every_rank(found is not None and os.path.isdir(found), processes)
+    if not any(sharded):
+        return None
+    if not all(sharded):
+        raise UserError(f"{sharded_path(ckpt_path)} is sharded (every process reads its own part) but ranks "
+                        f"{[r for r, seen in enumerate(sharded) if not seen]} do not see it: keep out_dir on a "
+                        f"filesystem every node shares")
+    return found
 
 
 HANDOVER_CHUNK = 64 * 2**20  # bytes per broadcast when a checkpoint goes to processes that lack it
@@ -624,14 +649,18 @@ def adopt_checkpoint_settings(settings, assigned, checkpoint, ckpt_path):
     checkpoint["model_args"] = dict(saved, dropout=settings.dropout)
 
 
-def changed_settings(settings, checkpoint):
-    """{setting: (the checkpoint's run's value, this run's)} for every setting a resume changes (none for a new run)."""
+def changed_settings(settings, checkpoint, world_size):
+    """{setting: (the checkpoint's run's value, this run's)} for every setting a resume changes (none for a new run),
+    the number of processes included."""
     if checkpoint is None:
         return {}
     before = checkpoint["config"]
-    return {key: (before[key], value) for key, value in vars(settings).items()
-            if key in before and key not in ("init_from", *ARCHITECTURE_SETTINGS) and before[key] != value and not
-            (isinstance(value, tuple) and list(value) == before[key])}
+    changes = {key: (before[key], value) for key, value in vars(settings).items()
+               if key in before and key not in ("init_from", *ARCHITECTURE_SETTINGS) and before[key] != value and not
+               (isinstance(value, tuple) and list(value) == before[key])}
+    if checkpoint.get("world_size", world_size) != world_size:
+        changes["world_size"] = (checkpoint["world_size"], world_size)
+    return changes
 
 
 def build_model(settings, assigned, init_from, vocab_size, chars, processes):
@@ -639,7 +668,23 @@ def build_model(settings, assigned, init_from, vocab_size, chars, processes):
     `assigned`: the settings the user set (configurator), which a resume must not contradict."""
     ckpt_path = checkpoint_path(settings.out_dir)
     torch.manual_seed(settings.seed)  # the same initial weights on every process (FSDP shards them where they are)
+    on_meta = processes.distributed and settings.fsdp  # FSDP: built without storage, sharded, then materialised
     if init_from == "resume":
+        shards = sharded_resume_source(ckpt_path, processes)
+        if shards is not None:  # only the values now; each process reads its part once the model is sharded
+            from sharded_checkpoint import read_index
+            checkpoint = dict(read_index(shards), shards=shards)
+            missing = [k for k in ("with_optimizer", *TRAINING_KEYS[1:]) if k not in checkpoint]
+            if missing:
+                raise UserError(f"{shards} holds a model but not a training run (no {', '.join(missing)}); export it "
+                                f"and start from the folder with --init_from=<folder>")
+            adopt_checkpoint_settings(settings, assigned, checkpoint, shards)
+            if checkpoint.get("chars") != chars or (is_character_vocabulary(vocab_size)
+                                                    and checkpoint["model_args"]["vocab_size"] != vocab_size):
+                raise UserError(f"{shards} was trained on another vocabulary than {settings.dataset}'s; resume it on its "
+                                f"own data set ({checkpoint['config'].get('dataset', '?')})")
+            with torch.device("meta") if on_meta else contextlib.nullcontext():
+                return new_model(checkpoint["model_args"]), checkpoint
         checkpoint = read_checkpoint_everywhere(ckpt_path, processes)
         missing = [k for k in TRAINING_KEYS if k not in checkpoint]
         if missing:
@@ -653,7 +698,8 @@ def build_model(settings, assigned, init_from, vocab_size, chars, processes):
                             f"data set ({checkpoint['config'].get('dataset', '?')})")
         return loaded.model, checkpoint
     if init_from == "scratch":
-        return new_model(model_args(settings, vocab_size)), None
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            return new_model(model_args(settings, vocab_size)), None
     overrides = {k: getattr(settings, k) for k in GPTConfig.PRETRAINED_OVERRIDES if getattr(settings, k) is not None}
     loaded = load_pretrained(init_from, overrides, need_decoding=False)
     if settings.rope and not loaded.model.config.rope:  # the source decides the position encoding; it cannot be switched
@@ -676,7 +722,7 @@ def wrap_model(model, processes, settings, device_type, ptdtype):
             shard_args["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             ptdtype = "float32"  # the parameters are bf16 already: no autocast on top
         if settings.fsdp_cpu_offload:
-            shard_args["offload_policy"] = CPUOffloadPolicy()
+            shard_args["offload_policy"] = CPUOffloadPolicy(pin_memory=device_type == "cuda")
         for block in model.transformer.h:
             fully_shard(block, **shard_args)
         fully_shard(model, **shard_args)
@@ -721,6 +767,7 @@ class TrainState:
     device: str
     chars: list | None = None  # the character vocabulary the checkpoints carry
     gradient_bytes: int | None = None  # the most gradient storage this process held in its first step (measured)
+    checkpointer: object = None  # FSDP's ShardedCheckpointer (sharded_checkpoint.py); None: one file from rank 0
 
     @property
     def micro_steps(self):
@@ -779,7 +826,7 @@ def train_step(state, batches, step):
 def diverged(what, value, step, out_dir):
     """The error of a run whose loss is no longer a number: nothing is saved, the last good checkpoint stays."""
     kept = ("so the last good checkpoint in " + out_dir + " is kept"
-            if os.path.exists(checkpoint_path(out_dir)) else "and no checkpoint had been written yet")
+            if current_checkpoint(checkpoint_path(out_dir)) is not None else "and no checkpoint had been written yet")
     return UserError(f"{what} became {value} at step {step}; stopped without saving, {kept}. "
                      f"Try a lower --learning_rate or check the data")
 
@@ -833,25 +880,35 @@ def save_run(state, position, evaluated, val_loss=None):
     out_dir/ckpt.pt, the state to continue from at position.step (evaluated=False marks one written on a stop
     request: a resume evaluates that step first), and with val_loss (an improved validation loss) out_dir/best.pt,
     the weights alone. ckpt.pt goes first, so its best_val_loss is never above best.pt's: a crash between the two
-    writes may lose the newest best weights, but no later write can replace better ones. Every process takes
-    part (FSDP gathers the full state); rank 0 writes, and a file it cannot write (a full disk) ends every
-    process with its one line.
+    writes may lose the newest best weights, but no later write can replace better ones. Under FSDP every process
+    writes its shards (ckpt.dcp/, best.dcp/: sharded_checkpoint.py), asynchronously with async_checkpoint; else
+    every process takes part in gathering the state, rank 0 writes, and a file it cannot write (a full disk) ends
+    every process with its one line. Returns the paths written.
     """
-    from torch.distributed.checkpoint.state_dict import get_state_dict, StateDictOptions
     settings, processes = state.settings, state.processes
+    last, best = checkpoint_path(settings.out_dir, "last"), checkpoint_path(settings.out_dir, "best")
+    values = dict(model_args=state.model.config.to_dict(), chars=state.chars, iter_num=position.step, config=vars(settings))
+    run_values = dict(evaluated=evaluated, best_val_loss=position.best_val_loss, world_size=processes.world_size)
+    position.saved_step = position.step
+    if state.checkpointer is not None:
+        state.checkpointer.save(sharded_path(last), state.model, state.optimizer, dict(values, **run_values), replaces=last)
+        if val_loss is None:
+            return [sharded_path(last)]
+        state.checkpointer.save(sharded_path(best), state.model, None, dict(values, val_loss=val_loss), replaces=best)
+        return [sharded_path(last), sharded_path(best)]
+
+    from torch.distributed.checkpoint.state_dict import get_state_dict, StateDictOptions
     model_sd, optim_sd = get_state_dict(state.model, state.optimizer,
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    weights = dict(model=model_sd, model_args=state.model.config.to_dict(), chars=state.chars, iter_num=position.step,
-                   config=vars(settings))
 
     def write():
-        save_checkpoint(dict(weights, optimizer=optim_sd, scaler=state.scaler.state_dict(), evaluated=evaluated,
-                             best_val_loss=position.best_val_loss, world_size=processes.world_size),
-                        checkpoint_path(settings.out_dir, "last"))
+        save_checkpoint(dict(values, model=model_sd, optimizer=optim_sd, scaler=state.scaler.state_dict(), **run_values), last)
+        remove_sharded_twin(last)  # an FSDP run's older state, if this run changed from FSDP
         if val_loss is not None:
-            save_checkpoint(dict(weights, val_loss=val_loss), checkpoint_path(settings.out_dir, "best"))
+            save_checkpoint(dict(values, model=model_sd, val_loss=val_loss), best)
+            remove_sharded_twin(best)
     on_rank_0_for_all(write, processes)
-    position.saved_step = position.step
+    return [last] + ([best] if val_loss is not None else [])
 
 
 def on_rank_0_for_all(action, processes):
@@ -993,8 +1050,27 @@ def read_hellaswag_examples(settings, vocab_size, chars):
     return examples[:settings.hellaswag_max_examples] if settings.hellaswag_max_examples else examples
 
 
-def start_training(settings, model, processes, dev, ptdtype, chars):
-    """The model placed, wrapped and compiled as the settings ask, with a fresh optimizer and scaler."""
+def out_dir_is_shared(out_dir, processes):
+    """Whether every process's out_dir is the folder rank 0 writes to (one machine, or a filesystem the nodes
+    share): what sharded checkpoints need, each process writing its own part beside the others'. Rank 0 leaves a
+    file in its out_dir and every process looks for it in its own."""
+    name = [f".shared-{uuid.uuid4().hex}"]
+    dist.broadcast_object_list(name, src=0)
+    probe = os.path.join(out_dir, name[0])  # each process's own out_dir: the same folder, or another node's
+    if processes.master:
+        os.makedirs(out_dir, exist_ok=True)
+        open(probe, "w").close()
+    dist.barrier()
+    seen = gather_from_every_rank(os.path.exists(probe), processes)
+    if processes.master:
+        os.remove(probe)
+    return all(seen)
+
+
+def start_training(settings, model, processes, dev, ptdtype, chars, initialise=True):
+    """The model placed, wrapped and compiled as the settings ask, with a fresh optimizer and scaler. A model FSDP
+    built on the meta device gets its shards' storage here, and GPT()'s weights unless a checkpoint will fill
+    them (initialise=False)."""
     device_type = dev.split(":")[0]
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -1003,11 +1079,18 @@ def start_training(settings, model, processes, dev, ptdtype, chars):
     if not (processes.distributed and settings.fsdp):
         model.to(dev)  # fully_shard moves each shard to the device itself: no whole model on every GPU first
     wrapped, autocast_dtype = wrap_model(model, processes, settings, device_type, ptdtype)
+    if is_on_meta(model):
+        torch.manual_seed(settings.seed)  # GPT()'s draws, as one process makes them right after this seed
+        materialise_sharded(model, dev, initialise)
     use_compile = settings.compile if settings.compile is not None else device_type == "cuda"
+    checkpointer = None
+    if processes.distributed and settings.fsdp and out_dir_is_shared(settings.out_dir, processes):
+        from sharded_checkpoint import ShardedCheckpointer
+        checkpointer = ShardedCheckpointer(asynchronous=settings.async_checkpoint)
     return TrainState(settings, model, wrapped, torch.compile(wrapped) if use_compile else wrapped,
                       build_optimizer(model, settings, device_type),
                       torch.amp.GradScaler(device_type, enabled=ptdtype == "float16"),
-                      processes, autocast_context(dev, autocast_dtype), dev, chars)
+                      processes, autocast_context(dev, autocast_dtype), dev, chars, checkpointer=checkpointer)
 
 
 def log_start(state, log, init_from, step, ptdtype, changes):
@@ -1018,6 +1101,12 @@ def log_start(state, log, init_from, step, ptdtype, changes):
               f"model {model.get_num_params() / 1e6:.2f}M parameters; "
               f"{settings.gradient_accumulation_steps * settings.batch_size * model.config.block_size:,} tokens per step; "
               f"init_from={init_from}" + (f" at step {step}" if init_from == "resume" else ""))
+    if processes.distributed and settings.fsdp:
+        log.print("checkpoints: " + ("sharded, each process writing its own part" +
+                                     (" in the background" if settings.async_checkpoint else "")
+                                     if state.checkpointer is not None else
+                                     "one file gathered on rank 0, written there: out_dir is not on a filesystem every "
+                                     "node shares" + (" (async_checkpoint needs one: ignored)" if settings.async_checkpoint else "")))
     if changes:
         log.print("changed since the checkpoint's run: " + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items()))
     log.metrics(dict(event="start", iter=step, init_from=init_from, world_size=processes.world_size, device=state.device,
@@ -1057,16 +1146,20 @@ def evaluate(state, batches, log, position, lr):
         raise diverged("validation loss", losses["val"], position.step, settings.out_dir)
     improved = losses["val"] < position.best_val_loss
     position.best_val_loss = min(position.best_val_loss, losses["val"])
-    save_run(state, position, evaluated=True, val_loss=losses["val"] if improved else None)
-    log.print(f"saved {checkpoint_path(settings.out_dir)}" + (f" and {checkpoint_path(settings.out_dir, 'best')} "
-                                                               f"(val loss improved)" if improved else ""))
+    written = save_run(state, position, evaluated=True, val_loss=losses["val"] if improved else None)
+    log.print("saved " + " and ".join(written) + (" (val loss improved)" if improved else "")
+              + (" (writing in the background)" if state.checkpointer is not None and settings.async_checkpoint else ""))
 
 
 def stop(state, log, position):
     """A stop request agreed by every process: the checkpoint of this step (unless it was just written), then a note."""
     if position.saved_step != position.step:
         save_run(state, position, evaluated=False)
-    log.print(f"stopped at step {position.step} on request; checkpoint saved to {checkpoint_path(state.settings.out_dir)}. "
+    if state.checkpointer is not None:
+        state.checkpointer.wait()  # written before the process says it stopped
+    last = checkpoint_path(state.settings.out_dir)
+    log.print(f"stopped at step {position.step} on request; checkpoint saved to "
+              f"{sharded_path(last) if state.checkpointer is not None else last}. "
               f"Continue with the same command and --init_from=auto (or --init_from=resume); exit status {STOPPED_EXIT}")
 
 
@@ -1156,9 +1249,13 @@ def main():
             hellaswag = (hellaswag_examples, get_tokenizer().encode)
             for i, example in enumerate(hellaswag_examples):  # an ending the model cannot hold: say so before training
                 example_rows(example, hellaswag[1], model.config.block_size, i)
-        state = start_training(settings, model, processes, dev, ptdtype, chars)
-        position, changes = RunPosition.of(checkpoint, settings.eval_only), changed_settings(settings, checkpoint)
-        if checkpoint is not None:
+        state = start_training(settings, model, processes, dev, ptdtype, chars, initialise=checkpoint is None)
+        position = RunPosition.of(checkpoint, settings.eval_only)
+        changes = changed_settings(settings, checkpoint, processes.world_size)
+        if checkpoint is not None and "shards" in checkpoint:  # every process reads its part, on any world size
+            from sharded_checkpoint import load_training_state
+            load_training_state(checkpoint["shards"], state.model, state.optimizer)
+        elif checkpoint is not None:
             restore_training_state(checkpoint, state.model, state.optimizer, state.scaler)
         model = checkpoint = None  # state holds the model; the checkpoint's tensors can go
 
@@ -1167,6 +1264,8 @@ def main():
         log_start(state, log, init_from, position.step, ptdtype, changes)
         StopRequest.install(under_torchrun=processes.distributed)
         finished = train_loop(state, batches, log, position, hellaswag)
+        if state.checkpointer is not None:
+            state.checkpointer.close()  # the last save written before the run ends
         if processes.distributed:
             dist.barrier()
     finally:

@@ -6,12 +6,14 @@ single process training on the same global batches: losses, gradient norms and f
 import os
 import sys
 import json
+import shutil
 import subprocess
 
 import pytest
-import torch
 
 from conftest import REPO, TINY_TRAIN_ARGS, read_metrics, run_script, script_env
+from common import load_checkpoint
+from sharded_checkpoint import read_index
 
 pytestmark = pytest.mark.slow  # every test launches torchrun (~10 s of start-up per launch on 2 cores)
 
@@ -73,7 +75,7 @@ def records(out_dir, key):
 
 
 def final_weights(out_dir):
-    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
+    return load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["model"]  # or FSDP's sharded twin, ckpt.dcp
 
 
 def assert_close_runs(a, b, tol=1e-5, weight_tol=None, steps=STEPS):
@@ -161,13 +163,63 @@ def test_fsdp_checkpoint_samples_and_resumes_on_one_process(data_root, single, t
     """Stop an FSDP run half way, resume it on one process: the same run as the single-process one."""
     out = str(tmp_path)
     train(data_root, out, 2, "--max_iters=5", "--eval_interval=5", "--gradient_accumulation_steps=4", "--fsdp=True")
-    checkpoint = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    assert checkpoint["iter_num"] == 5 and checkpoint["world_size"] == 2
+    assert not os.path.exists(os.path.join(out, "ckpt.pt"))  # FSDP writes shards, each rank its own
+    index = read_index(os.path.join(out, "ckpt.dcp"))
+    assert index["iter_num"] == 5 and index["world_size"] == 2
+    assert sorted(n for n in os.listdir(os.path.join(out, "ckpt.dcp", index["shards"])) if n.endswith(".distcp")) == \
+        ["__0_0.distcp", "__1_0.distcp"]
     sample = run_script("sample.py", f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=20", "--stream=False")
     assert sample.returncode == 0, sample.stderr
     assert len(sample.stdout.split("---------------")[0]) >= 20
+    assert "best.dcp" in sample.stderr  # it read the best weights, sharded, on one process
     train(data_root, out, 1, f"--max_iters={STEPS}", "--eval_interval=5", "--gradient_accumulation_steps=4", "--init_from=resume")
     assert_close_runs(single, out)
+    assert os.path.exists(os.path.join(out, "ckpt.pt")) and not os.path.exists(os.path.join(out, "ckpt.dcp"))
+
+
+# gradient_accumulation_steps=6: a global batch that 1, 2 and 3 processes share out alike
+ACROSS = [f"--max_iters={STEPS}", "--eval_interval=5", "--gradient_accumulation_steps=6"]
+
+
+@pytest.fixture(scope="module")
+def single_of_6(data_root, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("single6"))
+    train(data_root, out, 1, *ACROSS)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fsdp_half_way(data_root, tmp_path_factory):
+    """An FSDP run on 2 processes stopped at step 5, its checkpoints written asynchronously."""
+    out = str(tmp_path_factory.mktemp("fsdp_half"))
+    result = train(data_root, out, 2, *ACROSS, "--max_iters=5", "--fsdp=True", "--async_checkpoint=True")
+    assert "checkpoints: sharded, each process writing its own part in the background" in result.stdout
+    return out
+
+
+@pytest.mark.parametrize("nproc,mode", [(3, "fsdp"), (2, "ddp"), (1, "single process")])
+def test_fsdp_shards_resume_on_another_world_size(data_root, single_of_6, fsdp_half_way, tmp_path, nproc, mode):
+    """Written by FSDP on 2 processes, resumed by FSDP on 3, DDP on 2 and one process: the run one process makes
+    uninterrupted, the global batch unchanged, dropout on."""
+    out = str(tmp_path / "run")
+    shutil.copytree(fsdp_half_way, out)
+    result = train(data_root, out, nproc, *ACROSS, "--init_from=resume", *(["--fsdp=True"] if mode == "fsdp" else []))
+    assert f"{'DDP' if mode == 'ddp' else 'FSDP' if mode == 'fsdp' else 'single process'} on {nproc}" in result.stdout
+    assert (f"world_size 2 -> {nproc}" in result.stdout) == (nproc != 2)  # the start line says when it changes
+    assert_close_runs(single_of_6, out)
+    sharded = mode == "fsdp"
+    assert os.path.exists(os.path.join(out, "ckpt.dcp")) == sharded and os.path.exists(os.path.join(out, "ckpt.pt")) != sharded
+
+
+def test_one_file_checkpoint_resumes_under_fsdp_in_shards(data_root, single_of_6, tmp_path):
+    """The reverse: DDP on 3 processes writes one file, FSDP on 2 resumes it and writes shards from then on."""
+    out = str(tmp_path)
+    train(data_root, out, 3, *ACROSS, "--max_iters=5")
+    assert os.path.exists(os.path.join(out, "ckpt.pt"))
+    result = train(data_root, out, 2, *ACROSS, "--init_from=resume", "--fsdp=True")
+    assert "world_size 3 -> 2" in result.stdout
+    assert_close_runs(single_of_6, out)
+    assert os.path.exists(os.path.join(out, "ckpt.dcp")) and not os.path.exists(os.path.join(out, "ckpt.pt"))
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

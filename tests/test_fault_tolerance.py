@@ -204,6 +204,7 @@ def test_two_nodes_under_fsdp_train_like_one_process(data_root, one_process, tmp
     node0, node1 = str(tmp_path / "node0"), str(tmp_path / "node1")
     outputs = two_nodes([node0, node1], data_root)
     assert "FSDP on 2" in outputs[0]
+    assert "checkpoints: one file gathered on rank 0" in outputs[0]  # the nodes share no filesystem: no shards
     assert not os.path.exists(os.path.join(node1, "ckpt.pt"))  # only rank 0 writes
     la, lb = losses_by_step(node0), losses_by_step(one_process)
     assert la.keys() == lb.keys()

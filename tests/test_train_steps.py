@@ -188,7 +188,8 @@ def test_settings_out_of_range_are_refused_before_any_work():
     train.validate_settings(SimpleNamespace(**good))
     for key, bad in [("learning_rate", -1.0), ("grad_clip", -1.0), ("max_iters", -5), ("beta2", 1.0),
                      ("min_lr", 1.0), ("weight_decay", -0.1), ("warmup_iters", -1), ("attn_impl", "fast"),
-                     ("seed", -1), ("eval_iters", 0), ("lr_decay_iters", 0), ("fsdp_cpu_offload", True)]:
+                     ("seed", -1), ("eval_iters", 0), ("lr_decay_iters", 0), ("fsdp_cpu_offload", True),
+                     ("async_checkpoint", True)]:
         with pytest.raises(UserError, match=key):
             train.validate_settings(SimpleNamespace(**dict(good, **{key: bad})))
     assert os.environ.get("RANK") is None
