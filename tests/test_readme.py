@@ -210,7 +210,9 @@ def tiny_train_args(scratch, args, processes=1):
     (DDP, FSDP, eval_only). A new model from scratch gets tiny shapes; a resume takes its checkpoint's (a resume
     that asked for other shapes, a config file's included, would be refused), and a pretrained model keeps its own."""
     s = train_settings(scratch, args)
-    has_checkpoint = os.path.exists(os.path.join(scratch.repo, s["out_dir"], "ckpt.pt"))
+    from common import current_checkpoint
+    checkpoint = current_checkpoint(os.path.join(scratch.repo, s["out_dir"], "ckpt.pt"))  # ckpt.pt, or FSDP's ckpt.dcp/
+    has_checkpoint = checkpoint is not None
     resumes = s["init_from"] == "resume" or (s["init_from"] == "auto" and has_checkpoint)
     source = "resume" if resumes else s["auto_from"] if s["init_from"] == "auto" else s["init_from"]
     extra = ["--device=cpu", "--compile=False", "--eval_iters=1", "--log_interval=1", "--batch_size=2",
@@ -220,7 +222,7 @@ def tiny_train_args(scratch, args, processes=1):
     if s["hellaswag_interval"]:
         extra += ["--hellaswag_interval=2", "--hellaswag_max_examples=4"]
     if source == "resume":
-        return extra + checkpoint_shapes(os.path.join(scratch.repo, s["out_dir"], "ckpt.pt"))
+        return extra + checkpoint_shapes(checkpoint)
     if source == "scratch":
         extra += TINY_MODEL
     else:  # a pretrained model: its shapes, a shorter context
@@ -236,10 +238,16 @@ def tiny_train_args(scratch, args, processes=1):
 
 
 def checkpoint_shapes(path):
-    """Overrides that restate the architecture of the checkpoint at `path`, over those of the command's config."""
+    """Overrides that restate the architecture of the checkpoint at `path` (a file, or a sharded folder whose
+    checkpoint.json holds everything but the tensors), over those of the command's config."""
     import torch
+    from common import SHARDED_INDEX_NAME
     from train import ARCHITECTURE_SETTINGS
-    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["model_args"]
+    if os.path.isdir(path):
+        with open(os.path.join(path, SHARDED_INDEX_NAME)) as f:
+            saved = json.load(f)["model_args"]
+    else:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["model_args"]
     return [f"--{key}={tuple(saved[key]) if isinstance(saved[key], list) else saved[key]!r}"
             for key in ARCHITECTURE_SETTINGS if key in saved]
 
@@ -355,6 +363,7 @@ CANNOT_RUN = [
 EXPECTED_OUTPUT = [
     (lambda c: python_script(c.argv, "sample.py") and "--checkpoint=last" in c.argv, "ckpt.pt (step"),
     (lambda c: python_script(c.argv, "export_hf.py") and "--checkpoint=best" in c.argv, "best.pt (step"),
+    (lambda c: python_script(c.argv, "sample.py") and "--out_dir=out-fsdp-async" in c.argv, "best.dcp (step"),
     # the fine-tune of docs/training.md is relaunched in fault_tolerance.md: the same command resumes it
     (lambda c: c.doc == "docs/training.md" and c.argv == ["python", "train.py", "config/finetune_shakespeare.py"], "init_from=gpt2"),
     (lambda c: c.doc == "docs/fault_tolerance.md" and c.argv == ["python", "train.py", "config/finetune_shakespeare.py"],
