@@ -14,47 +14,23 @@
 # record history; the metrics show the step at which val_loss first reaches 3.28.
 import os
 
-_repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # paths from any working directory
-
+exec(open(os.path.join(os.path.dirname(__file__), "train_gpt2_fineweb.py")).read())  # data, batch, evaluation
 out_dir = "out-speedrun-gpt2-fineweb"
-wandb_log = False
-wandb_project = "fineweb-edu"
 wandb_run_name = "gpt2-124M-speedrun"
-
-dataset = "fineweb_edu"
-data_root = os.path.join(_repo, "data")
-
-# 64 sequences x 1024 tokens x 8 micro-steps (global, over all processes) = 524,288 = 2**19 tokens per step
-batch_size = 64
-block_size = 1024
-gradient_accumulation_steps = 8
 
 rope = True
 qk_norm = True
 mlp_act = "relu2"
 bias = False
-dropout = 0.0
 
 optimizer = "muon"
 muon_lr = 0.02
 muon_momentum = 0.95
 muon_ns_steps = 5
 muon_weight_decay = 0.0
-learning_rate = 6e-4  # AdamW's: the embedding (tied to lm_head) and the norms
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0
+# learning_rate (6e-4) is AdamW's, for the embedding (tied to lm_head) and the norms
 
 # 6,400 steps x 524,288 tokens = 3.4B tokens at most; both rates warm up and decay together (cosine to 10%)
 max_iters = 6400
 lr_decay_iters = 6400
 warmup_iters = 200
-min_lr = 6e-5
-
-# val loss on 80 x 64 x 1024 = 5.2M held-out tokens, and HellaSwag, every 250 steps
-eval_interval = 250
-eval_iters = 80
-log_interval = 10
-hellaswag_interval = 250
-hellaswag_path = os.path.join(_repo, "data", "hellaswag", "hellaswag_val.jsonl")
