@@ -136,6 +136,7 @@ def test_grad_scaler_state_goes_into_the_checkpoint_and_back(stream, tmp_path):
     step(model, optimizer, scaler, stream)
     assert scaler.get_scale() == 2.0**6
     state = SimpleNamespace(settings=SimpleNamespace(out_dir=str(tmp_path)), model=model, optimizer=optimizer, scaler=scaler,
+                            checkpointer=None,
                             processes=train.Processes(), chars=None)
     train.save_run(state, train.RunPosition(step=1, best_val_loss=1.0), evaluated=True)
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
