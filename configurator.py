@@ -1,7 +1,8 @@
 """
-Command-line configuration, nanoGPT style. A script keeps its settings as module-level variables and calls
+Command-line configuration, nanoGPT style. A script keeps its settings as module-level variables (its
+config block, at the top of the file) and its main() reads them once into one object that it passes on:
 
-    config = apply_overrides(globals(), sys.argv[1:])
+    settings = read_settings(globals(), sys.argv[1:])   # then settings.out_dir, settings.seed, ...
 
 Each argument is either a config file (a Python file of assignments, run in the script's namespace
 with __file__ set to the config's path, e.g. config/train_shakespeare_char.py) or --key=value. Values
@@ -102,3 +103,9 @@ def apply_overrides(namespace: dict, args: list[str], nullable: Collection[str] 
         namespace[key] = _check_type(key, value, namespace[key], nullable)
         assigned.add(key)
     return {k: namespace[k] for k in keys}
+
+
+def read_settings(namespace: dict, args: list[str], nullable: Collection[str] = (), assigned: set | None = None) -> types.SimpleNamespace:
+    """A script's settings after its config files and --key=value overrides (apply_overrides), as one object:
+    settings.out_dir. main() makes it and passes it to the functions that need a setting."""
+    return types.SimpleNamespace(**apply_overrides(namespace, args, nullable, assigned))

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from configurator import apply_overrides
+from configurator import read_settings
 from common import UserError, run_main, pick_device, pick_dtype, autocast_context, load_model, describe_trained, get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -169,30 +169,30 @@ def evaluate_hellaswag(model, examples: list[dict], device, autocast_ctx, encode
 
 
 def main():
-    apply_overrides(globals(), sys.argv[1:])
-    if max_examples < 0:
-        raise UserError(f"--max_examples must be >= 0 (0: all), got {max_examples}")
-    if init_from == "scratch":
+    settings = read_settings(globals(), sys.argv[1:])
+    if settings.max_examples < 0:
+        raise UserError(f"--max_examples must be >= 0 (0: all), got {settings.max_examples}")
+    if settings.init_from == "scratch":
         raise UserError("eval_hellaswag.py needs a trained model: use --init_from=resume (with --out_dir), a GPT-2 name or a folder")
-    if predictions_path and not os.path.isdir(os.path.dirname(os.path.abspath(predictions_path))):
-        raise UserError(f"--predictions_path={predictions_path}: its folder does not exist")
+    if settings.predictions_path and not os.path.isdir(os.path.dirname(os.path.abspath(settings.predictions_path))):
+        raise UserError(f"--predictions_path={settings.predictions_path}: its folder does not exist")
     distributed = "RANK" in os.environ  # launched by torchrun
     rank, local_rank, world_size = 0, 0, 1
     if distributed:
         rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    dev = pick_device(device)
+    dev = pick_device(settings.device)
     if distributed and dev.startswith("cuda"):
         dev = f"cuda:{local_rank}"
-    ctx = autocast_context(dev, pick_dtype(dtype, dev))
+    ctx = autocast_context(dev, pick_dtype(settings.dtype, dev))
 
-    examples = load_hellaswag(data_path)
-    if max_examples:
-        examples = examples[:max_examples]
-    loaded = load_model(init_from, out_dir, overrides=dict(dropout=0.0), which=checkpoint)
+    examples = load_hellaswag(settings.data_path)
+    if settings.max_examples:
+        examples = examples[:settings.max_examples]
+    loaded = load_model(settings.init_from, settings.out_dir, overrides=dict(dropout=0.0), which=settings.checkpoint)
     if loaded.path is not None and rank == 0:
         print(describe_trained(loaded))
     if loaded.chars is not None:
-        raise UserError(f"{init_from} is a character-level model; HellaSwag is English text scored in GPT-2 BPE tokens")
+        raise UserError(f"{settings.init_from} is a character-level model; HellaSwag is English text scored in GPT-2 BPE tokens")
     encode = get_tokenizer().encode
     block_size = loaded.model.config.block_size
     for index, example in enumerate(examples):  # an ending that does not fit is reported before any work
@@ -210,14 +210,14 @@ def main():
     if rank != 0:
         return
     print(f"hellaswag: {result['n']} examples, acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f}")
-    if predictions_path:
-        with open(predictions_path, "w", encoding="utf-8") as f:
+    if settings.predictions_path:
+        with open(settings.predictions_path, "w", encoding="utf-8") as f:
             for i, example in enumerate(examples):
                 f.write(json.dumps(dict(index=i, label=example["label"], pred=result["pred"][i],
                                         pred_norm=result["pred_norm"][i], sum_loss=result["sum_loss"][i],
                                         n_tokens=result["n_tokens"][i])) + "\n")
-    if init_from == "resume":
-        with open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+    if settings.init_from == "resume":
+        with open(os.path.join(settings.out_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps(dict(event="hellaswag", iter=loaded.checkpoint.get("iter_num"), hellaswag_acc=result["acc"],
                                     hellaswag_acc_norm=result["acc_norm"], hellaswag_n=result["n"])) + "\n")
 

@@ -26,7 +26,7 @@ import torch
 
 from model import ConfigError, GPT2_VOCAB_SIZE
 from hf_bridge import HF_CLASS_NAMES, build_hf_model, common_window, target_architecture
-from configurator import apply_overrides
+from configurator import read_settings
 from common import UserError, run_main, load_trained, gpt2_encoding, checkpoint_path, describe_trained
 
 # -----------------------------------------------------------------------------
@@ -126,7 +126,7 @@ def model_card(arch, model, checkpoint, chars, n_tokens, torch_dtype, name):
             ("weights", str(torch_dtype).removeprefix("torch.")),
             ("iterations", str(checkpoint.get("iter_num", "unknown"))),
             ("best validation loss", f"{best:.4f}" if isinstance(best, float) else "unknown")]
-    settings = checkpoint.get("config")
+    training_settings = checkpoint.get("config")
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "---", "",
              f"# {name}", "",
              (f"A GPT trained with this repository's `train.py` and exported by `export_hf.py` as `{hf_name}`, "
@@ -138,8 +138,8 @@ def model_card(arch, model, checkpoint, chars, n_tokens, torch_dtype, name):
     if chars is not None:
         lines += [("The tokenizer is the character list of the training data: one token per character, newlines "
                    "included; characters outside it are dropped."), ""]
-    if settings:
-        lines += ["## Training settings", "", "```json", json.dumps(settings, indent=1, sort_keys=True, default=str),
+    if training_settings:
+        lines += ["## Training settings", "", "```json", json.dumps(training_settings, indent=1, sort_keys=True, default=str),
                   "```", ""]
     return "\n".join(lines)
 
@@ -227,10 +227,10 @@ def export(out_dir: str, hf_dir: str, dtype: str = "float32", overwrite: bool = 
 
 
 def main() -> None:
-    apply_overrides(globals(), sys.argv[1:])
-    folder = hf_dir or os.path.join(out_dir, "hf")
-    arch, source = export(out_dir, folder, dtype, overwrite, checkpoint)
-    print(f"exported as {HF_CLASS_NAMES[arch]} ({dtype}) to {folder}: {source}")
+    settings = read_settings(globals(), sys.argv[1:])
+    folder = settings.hf_dir or os.path.join(settings.out_dir, "hf")
+    arch, source = export(settings.out_dir, folder, settings.dtype, settings.overwrite, settings.checkpoint)
+    print(f"exported as {HF_CLASS_NAMES[arch]} ({settings.dtype}) to {folder}: {source}")
 
 
 if __name__ == "__main__":

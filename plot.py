@@ -18,11 +18,13 @@ import json
 import statistics
 
 from common import UserError, run_main
-from configurator import apply_overrides
+from configurator import read_settings
 
+# -----------------------------------------------------------------------------
 png = "runs.png"
 labels = ""  # comma-separated, one per run; default: each run's folder name
 title = ""
+# -----------------------------------------------------------------------------
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -125,10 +127,10 @@ def draw(runs: list[tuple[str, dict]], png_path: str, title_text: str = "") -> N
 
 def main():
     paths = [a for a in sys.argv[1:] if not a.startswith("--")]
-    settings = apply_overrides(globals(), [a for a in sys.argv[1:] if a.startswith("--")])
+    settings = read_settings(globals(), [a for a in sys.argv[1:] if a.startswith("--")])
     if not paths:
         raise UserError("no run given: python plot.py OUT_DIR [OUT_DIR ...] [--png=runs.png] [--labels=a,b]")
-    names = settings["labels"].split(",") if settings["labels"] else [os.path.basename(os.path.normpath(p)) for p in paths]
+    names = settings.labels.split(",") if settings.labels else [os.path.basename(os.path.normpath(p)) for p in paths]
     if len(names) != len(paths):
         raise UserError(f"--labels has {len(names)} names for {len(paths)} runs: give one per run")
     runs = []
@@ -137,8 +139,8 @@ def main():
         if not c["steps"] and not c["evals"]:
             raise UserError(f"{path} holds no logged step or evaluation yet: plot it once the run has logged one")
         runs.append((name, c))
-    draw(runs, settings["png"], settings["title"])
-    print(f"wrote {settings['png']}")
+    draw(runs, settings.png, settings.title)
+    print(f"wrote {settings.png}")
 
 
 if __name__ == "__main__":

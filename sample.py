@@ -15,7 +15,7 @@ import time
 import torch
 
 from model import ConfigError, GPT2_NAMES, validate_sampling
-from configurator import apply_overrides
+from configurator import read_settings
 from common import (UserError, run_main, pick_device, pick_dtype, autocast_context, load_model, describe_trained, get_tokenizer,
                     is_pretrained_source)
 
@@ -38,33 +38,33 @@ beyond_block_size = False  # with rope, keep generating past block_size instead 
 # -----------------------------------------------------------------------------
 
 
-def check_settings() -> tuple[str, str]:
+def check_settings(settings) -> tuple[str, str]:
     """Every setting against its range before any work: a value outside it is one line that names the
     key and the range. Returns the device and dtype to run in."""
-    if init_from == "scratch":
+    if settings.init_from == "scratch":
         raise UserError("sample.py needs a trained model: use --init_from=resume (with --out_dir), a GPT-2 name or a folder")
-    if init_from != "resume" and not is_pretrained_source(init_from):
+    if settings.init_from != "resume" and not is_pretrained_source(settings.init_from):
         raise UserError(f"init_from must be resume, one of {', '.join(GPT2_NAMES)} or an existing folder in the "
-                        f"Hugging Face format, got {init_from!r}")
-    if num_samples < 1:
-        raise UserError(f"num_samples must be an integer >= 1, got {num_samples}")
-    if not 0 <= seed < 2**64:
-        raise UserError(f"seed must be an integer in 0 .. 2**64 - 1, got {seed}")
-    if not math.isfinite(temperature):
-        raise UserError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))):
-        raise UserError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+                        f"Hugging Face format, got {settings.init_from!r}")
+    if settings.num_samples < 1:
+        raise UserError(f"num_samples must be an integer >= 1, got {settings.num_samples}")
+    if not 0 <= settings.seed < 2**64:
+        raise UserError(f"seed must be an integer in 0 .. 2**64 - 1, got {settings.seed}")
+    if not math.isfinite(settings.temperature):
+        raise UserError(f"temperature must be a finite number >= 0 (0 is greedy), got {settings.temperature}")
+    if settings.top_p is not None and (isinstance(settings.top_p, bool) or not isinstance(settings.top_p, (int, float))):
+        raise UserError(f"top_p must be None or a number in (0, 1], got {settings.top_p!r}")
     try:
-        validate_sampling(max_new_tokens, temperature, top_k, top_p)
+        validate_sampling(settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p)
     except ConfigError as e:
         raise UserError(str(e)) from None
-    if stream is not None and not isinstance(stream, bool):
-        raise UserError(f"stream must be True, False or None (None: on when writing to a terminal), got {stream!r}")
-    dev = pick_device(device)
-    return dev, pick_dtype(dtype, dev)
+    if settings.stream is not None and not isinstance(settings.stream, bool):
+        raise UserError(f"stream must be True, False or None (None: on when writing to a terminal), got {settings.stream!r}")
+    dev = pick_device(settings.device)
+    return dev, pick_dtype(settings.dtype, dev)
 
 
-def read_prompt() -> str:
+def read_prompt(start: str) -> str:
     """The prompt text: --start itself, or the contents of the file named by --start=FILE:path."""
     if not start.startswith("FILE:"):
         return start
@@ -81,14 +81,14 @@ def read_prompt() -> str:
 
 
 def main():
-    apply_overrides(globals(), sys.argv[1:], nullable={"top_k"})
-    dev, ptdtype = check_settings()
+    settings = read_settings(globals(), sys.argv[1:], nullable={"top_k"})
+    dev, ptdtype = check_settings(settings)
     ctx = autocast_context(dev, ptdtype)
     # read the prompt before loading the model: a missing file is then reported at once, and
     # alone on stderr (loading a Hugging Face checkpoint prints progress bars there)
-    prompt = read_prompt()
-    torch.manual_seed(seed)
-    loaded = load_model(init_from, out_dir, overrides=dict(dropout=0.0), which=checkpoint)
+    prompt = read_prompt(settings.start)
+    torch.manual_seed(settings.seed)
+    loaded = load_model(settings.init_from, settings.out_dir, overrides=dict(dropout=0.0), which=settings.checkpoint)
     model, chars = loaded.model.to(dev).eval(), loaded.chars
     tokenizer = get_tokenizer(chars)
 
@@ -96,17 +96,18 @@ def main():
     if not ids:
         raise UserError("the prompt is empty and this vocabulary has no start token; give some text with --start")
     x = torch.tensor(ids, dtype=torch.long, device=dev)[None, ...]
-    show_stream = stream if stream is not None else sys.stdout.isatty()
+    show_stream = settings.stream if settings.stream is not None else sys.stdout.isatty()
 
     generated, elapsed = 0, 0.0
-    for _ in range(num_samples):
+    for _ in range(settings.num_samples):
         t0 = time.time()
         new_ids = []
         printed = ""
         if show_stream:
             print(prompt, end="", flush=True)
         with ctx:
-            for token in model.generate_stream(x, max_new_tokens, temperature, top_k, top_p, use_cache, beyond_block_size):
+            for token in model.generate_stream(x, settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p,
+                                                    settings.use_cache, settings.beyond_block_size):
                 new_ids.append(token.item())
                 if show_stream:
                     text = tokenizer.decode(new_ids)
@@ -121,7 +122,7 @@ def main():
             print(prompt + tokenizer.decode(new_ids))
         print("---------------")
     print(f"{generated} tokens in {elapsed:.2f}s: {generated / max(elapsed, 1e-9):.1f} tokens/s "
-          f"({'with' if use_cache else 'without'} KV cache, {dev})" + (f"; {describe_trained(loaded)}" if loaded.path else ""),
+          f"({'with' if settings.use_cache else 'without'} KV cache, {dev})" + (f"; {describe_trained(loaded)}" if loaded.path else ""),
           file=sys.stderr)
 
 

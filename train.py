@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from model import (GPT, GPTConfig, ConfigError, ATTENTION_IMPLS, GPT2_NAMES, PADDED_GPT2_VOCAB_SIZE, is_on_meta,
                    materialise_sharded)
-from configurator import apply_overrides
+from configurator import read_settings
 from optimizers import OptimizerGroup, muon_available
 from eval_hellaswag import load_hellaswag, evaluate_hellaswag, example_rows
 from common import (UserError, run_main, range_check, pick_device, pick_dtype, autocast_context, checkpoint_path,
@@ -1224,7 +1224,7 @@ def release(log):
 
 def main():
     assigned = set()  # the settings the user set: a resume must not contradict them
-    settings = SimpleNamespace(**apply_overrides(globals(), sys.argv[1:], assigned=assigned))
+    settings = read_settings(globals(), sys.argv[1:], assigned=assigned)
     processes = processes_from_env()
     validate_settings(settings)
     dev, ptdtype = check_launch(settings, processes)
