@@ -1,20 +1,10 @@
 """
-Exports a model trained here (out_dir/best.pt, the best-validated weights, when the run has written one,
-else out_dir/ckpt.pt; --checkpoint=best|last picks one) to the Hugging Face format: a folder that
-transformers' AutoModelForCausalLM and AutoTokenizer load without trust_remote_code, so the model can
-go to the hub, to serving tools and to evaluation harnesses.
+Exports a model trained here (out_dir's best.pt, else ckpt.pt; --checkpoint=best|last picks) to the Hugging Face
+format: a folder that transformers loads without trust_remote_code, GPT2LMHeadModel for learned positions and
+Starcoder2ForCausalLM for rotary ones; what else is refused, and what the folder holds: docs/export.md.
 
     python export_hf.py --out_dir=out-shakespeare-char --hf_dir=shakespeare-char-hf
     python export_hf.py --out_dir=out --hf_dir=my-gpt --dtype=bfloat16
-
-The architecture follows the model, and the logits are ours (fp32) for every variant it can hold:
-    learned positions, multi-head attention, no window          -> GPT2LMHeadModel
-    rotary, multi-head or grouped-query, one window or none     -> Starcoder2ForCausalLM
-Anything else (learned positions with grouped-query attention or a window, per-layer windows that
-differ) has no transformers architecture: refused with one line, nothing written.
-The folder holds config.json, model.safetensors (embedding and lm_head tied), generation_config.json,
-the tokenizer files (GPT-2's, rebuilt from tiktoken's encoding; or the character list) and README.md.
-GPT.from_pretrained (so sample.py and train.py with --init_from=<folder>) reads it back.
 """
 
 import os

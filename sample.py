@@ -1,7 +1,7 @@
 """
-Samples from a trained model (--init_from=resume reads out_dir/best.pt, the best-validated weights, when the run
-has written one, else out_dir/ckpt.pt; --checkpoint=best|last picks one) or from OpenAI's GPT-2
-(--init_from=gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a local directory in the HF format).
+Samples from a trained model (--init_from=resume; which of its files: docs/fault_tolerance.md, "The files of a
+run") or from OpenAI's GPT-2 (--init_from=gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a local directory in the HF
+format).
 
     python sample.py --out_dir=out-shakespeare-char-cpu
     python sample.py --init_from=gpt2 --start="The meaning of life is" --top_p=0.9
