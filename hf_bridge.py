@@ -140,13 +140,11 @@ def _pool_kv_heads(weight, n_head, source_kv_head, n_kv_head, head_dim):
 
 def gpt_from_hf(name_or_path: str, override_args: dict | None = None) -> GPT:
     """
-    A GPT with the weights of OpenAI's GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or of a local
-    directory in the Hugging Face format, read through transformers: GPT2LMHeadModel (learned positions,
-    multi-head) or Starcoder2ForCausalLM (rotary, grouped-query, one sliding window or none), the two
-    architectures export_hf.py writes. A checkpoint whose blocks differ from ours (activation, norm epsilon,
-    MLP width, untied embeddings, scaled rotary, ...) is a ConfigError that names the field.
-    override_args may set dropout, block_size (smaller only with learned positions), window, or
-    n_kv_head: fewer key/value heads are made by mean-pooling the heads of each group (Ainslie et al., 2023).
+    A GPT with the weights of OpenAI's GPT-2 ('gpt2', 'gpt2-medium', ...) or of a local Hugging Face folder
+    in one of the two architectures above. Blocks that differ from ours (activation, norm epsilon, MLP width,
+    untied embeddings, scaled rotary, ...) are a ConfigError that names the field. override_args may set
+    dropout, block_size (smaller only with learned positions), window, or n_kv_head: fewer key/value heads
+    are made by mean-pooling the heads of each group (Ainslie et al., 2023).
     """
     override_args = dict(override_args or {})
     allowed = set(GPTConfig.PRETRAINED_OVERRIDES)

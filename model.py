@@ -32,7 +32,6 @@ from torch.nn import functional as F
 
 import generation
 from attention import ATTENTION_IMPLS, ConfigError, attend, rope_cos_sin
-from generation import KVCache
 
 
 GPT2_VOCAB_SIZE = 50257  # GPT-2's BPE: 50,000 merges, 256 bytes and <|endoftext|>
@@ -217,7 +216,7 @@ class GPT(nn.Module):
             raise ConfigError(f"attention impl must be one of {', '.join(ATTENTION_IMPLS)}, got {impl!r}")
         self.attn_impl = impl
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: generation.KVCache | None = None,
                 last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
         idx: (B, T) token ids. Returns (logits, loss): logits (B, T, vocab), or (B, 1, vocab) with
@@ -302,7 +301,6 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------------
     # Generation
 
-    @torch.no_grad()
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                         top_p: float | None = None, use_cache: bool = True, beyond_block_size: bool = False,
                         generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
@@ -310,7 +308,6 @@ class GPT(nn.Module):
         return generation.generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache,
                                           beyond_block_size, generator)
 
-    @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, use_cache: bool = True, beyond_block_size: bool = False,
                  generator: torch.Generator | None = None) -> torch.Tensor:
