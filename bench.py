@@ -23,7 +23,9 @@ import statistics
 
 import torch
 
-from model import GPTConfig, KVCache, ConfigError, ATTENTION_IMPLS, causal_attention
+from model import GPTConfig, ConfigError
+from attention import ATTENTION_IMPLS, causal_attention
+from generation import KVCache
 from configurator import read_settings
 from common import UserError, run_main, range_check, pick_device, pick_dtype, autocast_context, estimate_mfu, new_model, load_pretrained
 

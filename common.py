@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from model import GPT, GPTConfig, ConfigError, GPT2_NAMES, GPT2_VOCAB_SIZE, load_model_state
+from hf_bridge import gpt_from_hf
 
 
 class UserError(Exception):
@@ -388,10 +389,10 @@ def describe_trained(loaded: "LoadedModel") -> str:
 
 
 def load_pretrained(source: str, overrides: dict | None = None, need_decoding: bool = True) -> LoadedModel:
-    """GPT.from_pretrained of a GPT-2 name or a Hugging Face folder, with `overrides` among
+    """The GPT of a GPT-2 name or a Hugging Face folder (hf_bridge.gpt_from_hf), with `overrides` among
     GPTConfig.PRETRAINED_OVERRIDES, and the folder's character list when it has one."""
     try:
-        model = GPT.from_pretrained(source, overrides)
+        model = gpt_from_hf(source, overrides)
     except (OSError, ConfigError) as e:
         raise UserError(str(e)) from None
     chars = hf_folder_chars(source) if os.path.isdir(source) else None

@@ -1,6 +1,6 @@
 """
-The Hugging Face formats, both directions: GPT.from_pretrained reads GPT2LMHeadModel and
-Starcoder2ForCausalLM checkpoints through `load_pretrained`, and export_hf.py writes them through
+The Hugging Face formats, both directions: `gpt_from_hf` reads GPT2LMHeadModel and
+Starcoder2ForCausalLM checkpoints (for common.load_pretrained), and export_hf.py writes them through
 `build_hf_model`. The config mapping, the name tables and the weight conversions live here once.
 
     learned positions, multi-head attention, no window          <-> GPT2LMHeadModel
@@ -13,7 +13,7 @@ use a mean-subtracting LayerNorm on the heads (Persimmon, StableLM), so it is re
 
 import torch
 
-from model import GPTConfig, ConfigError
+from model import GPT, GPTConfig, ConfigError
 
 # nn.Linear weights that transformers' GPT-2 keeps in Conv1D modules, transposed
 GPT2_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -138,8 +138,14 @@ def _pool_kv_heads(weight, n_head, source_kv_head, n_kv_head, head_dim):
     return torch.cat((q, pool(k), pool(v)), dim=0)
 
 
-def load_pretrained(model_class, name_or_path: str, override_args: dict | None = None):
-    """GPT.from_pretrained's work (see its docstring): a model_class instance with the checkpoint's weights."""
+def gpt_from_hf(name_or_path: str, override_args: dict | None = None) -> GPT:
+    """
+    A GPT with the weights of OpenAI's GPT-2 ('gpt2', 'gpt2-medium', ...) or of a local Hugging Face folder
+    in one of the two architectures above. Blocks that differ from ours (activation, norm epsilon, MLP width,
+    untied embeddings, scaled rotary, ...) are a ConfigError that names the field. override_args may set
+    dropout, block_size (smaller only with learned positions), window, or n_kv_head: fewer key/value heads
+    are made by mean-pooling the heads of each group (Ainslie et al., 2023).
+    """
     override_args = dict(override_args or {})
     allowed = set(GPTConfig.PRETRAINED_OVERRIDES)
     unknown = set(override_args) - allowed
@@ -180,7 +186,7 @@ def load_pretrained(model_class, name_or_path: str, override_args: dict | None =
         # that when the LayerNorm biases are zero (export_hf.py writes zeros), else bias=True with zeros
         if not hf_config.use_bias and not any(t.any() for name, t in source.items() if name.endswith(".bias")):
             config = GPTConfig(**{**config_args, "bias": False})
-    model = model_class(config)
+    model = GPT(config)
     with torch.no_grad():
         for name, target in model.state_dict().items():
             value = source["transformer.wte.weight" if name == "lm_head.weight" else name]  # tied

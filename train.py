@@ -38,8 +38,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import (GPT, GPTConfig, ConfigError, ATTENTION_IMPLS, GPT2_NAMES, PADDED_GPT2_VOCAB_SIZE, is_on_meta,
-                   materialise_sharded)
+from model import GPT, GPTConfig, ConfigError, GPT2_NAMES, PADDED_GPT2_VOCAB_SIZE, is_on_meta, materialise_sharded
+from attention import ATTENTION_IMPLS
 from configurator import read_settings
 from optimizers import OptimizerGroup, muon_available
 from eval_hellaswag import load_hellaswag, evaluate_hellaswag, example_rows

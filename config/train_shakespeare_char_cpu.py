@@ -8,7 +8,7 @@
 #    instead of 12 (experiments/cpu_batch_sweep.py)
 #  - one evaluation at the end instead of one every 250 steps
 #  - bf16 matmuls on CPUs that compute bf16 natively (AVX512-BF16 or AMX), attention in fp32 at this length
-#    (model.attends_in_float32); float32 elsewhere, where bf16 is emulated and slower
+#    (attention.attends_in_float32); float32 elsewhere, where bf16 is emulated and slower
 import torch
 
 out_dir = "out-shakespeare-char-cpu"

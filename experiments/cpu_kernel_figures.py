@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import GPT, GPTConfig, blocked_local_attention, dense_attention  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from attention import blocked_local_attention, dense_attention  # noqa: E402
 
 
 def ms_per_call(fn, repeats=20):

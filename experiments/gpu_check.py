@@ -290,7 +290,7 @@ def auto_picks(seq_lens, window, device):
     return zeros: only the choice is wanted, so nothing here is timed and nothing heavy runs.
     """
     import torch
-    import model
+    import attention
     chosen = []
 
     def recorder(label):
@@ -299,24 +299,24 @@ def auto_picks(seq_lens, window, device):
             return torch.zeros_like(q)
         return record
 
-    originals = {name: getattr(model, name) for name, _ in ATTENTION_KERNELS}
+    originals = {name: getattr(attention, name) for name, _ in ATTENTION_KERNELS}
     rows = []
     try:
         for name, label in ATTENTION_KERNELS:
-            setattr(model, name, recorder(label))
+            setattr(attention, name, recorder(label))
         for T in seq_lens:
             q = torch.zeros(1, 1, T, 16, device=device, dtype=torch.bfloat16)
             row = dict(T=T)
             for mode in ("eager", "compiled"):
                 chosen.clear()
                 torch.compiler.reset()
-                attention = model.causal_attention if mode == "eager" else torch.compile(model.causal_attention, backend="eager")
-                attention(q, q, q, window, "auto")
+                attend = attention.causal_attention if mode == "eager" else torch.compile(attention.causal_attention, backend="eager")
+                attend(q, q, q, window, "auto")
                 row[f"auto_{mode}"] = "+".join(chosen) or "?"
             rows.append(row)
     finally:
         for name, original in originals.items():
-            setattr(model, name, original)
+            setattr(attention, name, original)
         torch.compiler.reset()
     return rows
 

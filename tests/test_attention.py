@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-import model as M
+import attention
 from model import GPT, GPTConfig
 from conftest import tiny_model
 
@@ -210,39 +210,39 @@ def assert_kernel_matches(fn, H, Hkv, T, window, backward=True, device="cpu"):
 
 @pytest.mark.parametrize("H, Hkv, T, window, block", KERNEL_CASES)
 def test_blocked_local_attention_matches_naive(H, Hkv, T, window, block):
-    assert_kernel_matches(lambda q, k, v: M.blocked_local_attention(q, k, v, window, block=block), H, Hkv, T, window)
+    assert_kernel_matches(lambda q, k, v: attention.blocked_local_attention(q, k, v, window, block=block), H, Hkv, T, window)
 
 
 @pytest.mark.parametrize("H, Hkv, T, window, block", KERNEL_CASES)
 def test_dense_attention_window_matches_naive(H, Hkv, T, window, block):
-    assert_kernel_matches(lambda q, k, v: M.dense_attention(q, k, v, window), H, Hkv, T, window)
+    assert_kernel_matches(lambda q, k, v: attention.dense_attention(q, k, v, window), H, Hkv, T, window)
 
 
 @pytest.mark.parametrize("H, Hkv, T", [(4, 4, 37), (4, 1, 20)])
 def test_dense_attention_full_matches_naive(H, Hkv, T):
     for window in (None, T, T + 5):  # window >= T is full causal attention
-        assert_kernel_matches(lambda q, k, v: M.dense_attention(q, k, v, window), H, Hkv, T, None)
+        assert_kernel_matches(lambda q, k, v: attention.dense_attention(q, k, v, window), H, Hkv, T, None)
 
 
 def test_window_changes_the_result():
     # guard for the comparisons above: a window really cuts keys away
     q, k, v, _ = qkv(4, 2, 37)
     assert (naive_attention(q, k, v, 5) - naive_attention(q, k, v)).abs().max() > 0.1
-    assert (M.blocked_local_attention(q, k, v, 5) - naive_attention(q, k, v)).abs().max() > 0.1
+    assert (attention.blocked_local_attention(q, k, v, 5) - naive_attention(q, k, v)).abs().max() > 0.1
 
 
 def test_window_one_is_identity_on_values():
     # each query sees only itself: the output is its own value (via its kv head)
     q, k, v, _ = qkv(4, 2, 21)
     expected = v.repeat_interleave(2, dim=1)
-    torch.testing.assert_close(M.blocked_local_attention(q, k, v, 1), expected, atol=1e-6, rtol=0)
-    torch.testing.assert_close(M.dense_attention(q, k, v, 1), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(attention.blocked_local_attention(q, k, v, 1), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(attention.dense_attention(q, k, v, 1), expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("H, Hkv, T, window, block", KERNEL_CASES[:5])
 def test_flex_window_attention_forward_matches_naive(H, Hkv, T, window, block):
-    assert_kernel_matches(lambda q, k, v: M.flex_window_attention(q, k, v, window), H, Hkv, T, window, backward=False)
+    assert_kernel_matches(lambda q, k, v: attention.flex_window_attention(q, k, v, window), H, Hkv, T, window, backward=False)
 
 
 @pytest.mark.cuda
@@ -251,7 +251,7 @@ def test_flex_window_attention_forward_matches_naive(H, Hkv, T, window, block):
 def test_flex_window_attention_backward_matches_naive():
     """Forward and backward of the flex kernel against the naive reference, on the GPU (the CPU forward is
     tested above; PyTorch implements no FlexAttention backward on a CPU)."""
-    assert_kernel_matches(lambda a, b, c: M.flex_window_attention(a, b, c, 5), 4, 2, 37, 5, device="cuda")
+    assert_kernel_matches(lambda a, b, c: attention.flex_window_attention(a, b, c, 5), 4, 2, 37, 5, device="cuda")
 
 
 @pytest.mark.parametrize("window", [16, 200])
@@ -261,13 +261,13 @@ def test_auto_switch_at_its_threshold(window, monkeypatch):
     threshold = max(4 * window, 512)
     taken = []
     for name in ("blocked_local_attention", "dense_attention"):
-        real = getattr(M, name)
-        monkeypatch.setattr(M, name, lambda *a, real=real, name=name, **k: taken.append(name) or real(*a, **k))
+        real = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *a, real=real, name=name, **k: taken.append(name) or real(*a, **k))
     for T, expected in ((threshold - 1, "dense_attention"), (threshold, "blocked_local_attention")):
         q, k, v, _ = qkv(2, 1, T, D=4, B=1)
         taken.clear()
         with torch.no_grad():
-            out = M.causal_attention(q, k, v, window, impl="auto")
+            out = attention.causal_attention(q, k, v, window, impl="auto")
         assert taken == [expected], (T, taken)
         torch.testing.assert_close(out, naive_attention(q, k, v, window), atol=1e-5, rtol=0)
 
@@ -279,7 +279,7 @@ def test_causal_attention_impls_agree(T, window, Hkv):
     ref = naive_attention(q, k, v, window)
     with torch.no_grad():
         for impl in ("auto", "blocked", "dense"):
-            torch.testing.assert_close(M.causal_attention(q, k, v, window, impl=impl), ref, atol=1e-5, rtol=0,
+            torch.testing.assert_close(attention.causal_attention(q, k, v, window, impl=impl), ref, atol=1e-5, rtol=0,
                                        msg=lambda m: f"impl={impl}: {m}")
 
 
@@ -297,17 +297,17 @@ def test_rope_matches_transformers_llama():
     hf_cos, hf_sin = rotary(q, positions[None])
     ref_cos, ref_sin = reference_cos_sin(positions, D, theta)
     torch.testing.assert_close(hf_cos[0], ref_cos, atol=1e-6, rtol=0)
-    cos, sin = M.rope_cos_sin(positions, D, theta)
+    cos, sin = attention.rope_cos_sin(positions, D, theta)
     assert cos.shape == (T, D // 2)  # one angle per pair (i, i + D/2); transformers repeats it for both halves
     torch.testing.assert_close(torch.cat((cos, cos), dim=-1), hf_cos[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.cat((sin, sin), dim=-1), hf_sin[0], atol=1e-5, rtol=0)
     q_ref, k_ref = apply_rotary_pos_emb(q, k, hf_cos, hf_sin)
-    torch.testing.assert_close(M.apply_rope(q, cos, sin), q_ref, atol=1e-5, rtol=0)
-    torch.testing.assert_close(M.apply_rope(k, cos, sin), k_ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(attention.apply_rope(q, cos, sin), q_ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(attention.apply_rope(k, cos, sin), k_ref, atol=1e-5, rtol=0)
     # split halves, not interleaved pairs: dimension i turns with i + D/2
     x = torch.zeros(1, 1, 1, D)
     x[..., 0] = 1.0
-    turned = M.apply_rope(x, *M.rope_cos_sin(torch.tensor([1]), D, theta))
+    turned = attention.apply_rope(x, *attention.rope_cos_sin(torch.tensor([1]), D, theta))
     assert turned[..., D // 2].abs() > 0.5 and turned[..., 1].abs() < 1e-6
     torch.testing.assert_close(rotate_half(x)[..., D // 2], x[..., 0])
 
@@ -319,8 +319,8 @@ def test_rope_scores_depend_only_on_relative_position():
     k = torch.randn(1, 1, 1, D, generator=g)
 
     def score(m, n):
-        qm = M.apply_rope(q, *M.rope_cos_sin(torch.tensor([m]), D, 10000.0))
-        kn = M.apply_rope(k, *M.rope_cos_sin(torch.tensor([n]), D, 10000.0))
+        qm = attention.apply_rope(q, *attention.rope_cos_sin(torch.tensor([m]), D, 10000.0))
+        kn = attention.apply_rope(k, *attention.rope_cos_sin(torch.tensor([n]), D, 10000.0))
         return (qm * kn).sum().item()
 
     for offset in (0, 1, 3, 10):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import train
-import model as M
+import attention
 from model import GPT, GPTConfig
 from common import load_checkpoint
 from conftest import TINY_TRAIN_ARGS, read_metrics, run_script, tiny_model
@@ -120,7 +120,7 @@ def relative_error(a, b):
 def test_flex_window_forward_and_backward_match_dense_reference(compiled, dtype, T, window):
     g = torch.Generator().manual_seed(0)
     q, k, v, grad = (torch.randn(2, heads, T, 64, generator=g) for heads in (4, 2, 2, 4))
-    flex = torch.compile(M.flex_window_attention) if compiled else M.flex_window_attention
+    flex = torch.compile(attention.flex_window_attention) if compiled else attention.flex_window_attention
     ours = forward_backward(lambda a, b, c: flex(a, b, c, window), *(t.to("cuda", dtype) for t in (q, k, v, grad)))
     reference = forward_backward(lambda a, b, c: naive_attention(a, b, c, window), q, k, v, grad)  # CPU, float32
     # float32 within TF32 rounding, bf16 within its own: a window one key off is 0.09 away at T=300, W=64

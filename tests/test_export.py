@@ -2,7 +2,7 @@
 export_hf.py against transformers' own modules, the independent reference: for every variant that a
 transformers architecture can hold, a checkpoint in train.py's format is exported, loaded with
 AutoModelForCausalLM and AutoTokenizer (no remote code) and compared with our model (logits on
-sequences longer than the window, greedy generation, tokenization); GPT.from_pretrained must read the
+sequences longer than the window, greedy generation, tokenization); hf_bridge.gpt_from_hf must read the
 folder back to the same logits, and read a Starcoder2 model made by transformers itself. The variants
 no architecture holds are refused with one line and no folder.
 
@@ -24,7 +24,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Starcoder2Config, 
 from safetensors import safe_open  # noqa: E402
 
 import export_hf  # noqa: E402
-from model import GPT, ConfigError  # noqa: E402
+from model import ConfigError  # noqa: E402
+from hf_bridge import gpt_from_hf  # noqa: E402
 from common import UserError, save_checkpoint, load_model, get_tokenizer  # noqa: E402
 
 SEPARATOR = "---------------"
@@ -165,7 +166,7 @@ def test_tokenizer_encodes_and_decodes_as_training(exported):
 
 def test_from_pretrained_reads_the_export_back(exported):
     _, model, folder, chars, n_tokens = exported
-    back = GPT.from_pretrained(folder).eval()
+    back = gpt_from_hf(folder).eval()
     cfg, ours = back.config, model.config
     assert (cfg.rope, cfg.rope_theta if cfg.rope else None, cfg.n_kv_head, cfg.window, cfg.vocab_size, cfg.mlp_act) == \
            (ours.rope, ours.rope_theta if ours.rope else None, ours.n_kv_head, ours.layer_window(0), n_tokens, ours.mlp_act)
@@ -212,7 +213,7 @@ def test_bfloat16_export_is_the_rounded_model(tmp_path, chars):
     torch.testing.assert_close(logits_of(load_hf(str(tmp_path / "bf16")), idx), logits_of(rounded, idx), atol=1e-4, rtol=0)
     assert (logits_of(rounded, idx) - logits_of(model, idx)).abs().max() > 1e-3  # rounding is visible: the test can fail
     # read back by our own loader: the rounded weights, exactly
-    back = GPT.from_pretrained(str(tmp_path / "bf16")).eval()
+    back = gpt_from_hf(str(tmp_path / "bf16")).eval()
     for name, tensor in back.state_dict().items():
         torch.testing.assert_close(tensor.float(), rounded.state_dict()[name], atol=0, rtol=0, msg=name)
 
@@ -291,7 +292,7 @@ def test_folder_without_character_list_is_refused(tmp_path, chars):
     folder = tmp_path / "hf"
     export_hf.export(out_dir, str(folder))
     os.remove(folder / "tokenizer.json")
-    assert GPT.from_pretrained(str(folder)).config.vocab_size == 65  # the model itself still loads
+    assert gpt_from_hf(str(folder)).config.vocab_size == 65  # the model itself still loads
     with pytest.raises(UserError, match="cannot be decoded"):
         load_model(str(folder))
 
@@ -317,7 +318,7 @@ def starcoder2(seed, **kw):
 def test_starcoder2_from_transformers_loads_exactly(tmp_path, kw):
     hf = starcoder2(seed=9, **kw)
     hf.save_pretrained(tmp_path)
-    model = GPT.from_pretrained(str(tmp_path)).eval()
+    model = gpt_from_hf(str(tmp_path)).eval()
     cfg = model.config
     assert cfg.rope and cfg.rope_theta == 100000.0 and cfg.n_kv_head == hf.config.num_key_value_heads
     assert cfg.window == hf.config.sliding_window and cfg.block_size == 64
@@ -336,12 +337,12 @@ def test_starcoder2_kv_heads_pool_and_block_size_grows(tmp_path):
                 proj.weight[8:] = proj.weight[:8]
                 proj.bias[8:] = proj.bias[:8]
     hf.save_pretrained(tmp_path)
-    model = GPT.from_pretrained(str(tmp_path), dict(n_kv_head=1, block_size=128)).eval()
+    model = gpt_from_hf(str(tmp_path), dict(n_kv_head=1, block_size=128)).eval()
     assert model.config.n_kv_head == 1 and model.config.block_size == 128
     idx = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(logits_of(model, idx), logits_of(hf, idx), atol=1e-4, rtol=0)
     with pytest.raises(ConfigError, match="n_kv_head=3"):
-        GPT.from_pretrained(str(tmp_path), dict(n_kv_head=3))
+        gpt_from_hf(str(tmp_path), dict(n_kv_head=3))
 
 
 @pytest.mark.parametrize("kw, field", [
@@ -357,7 +358,7 @@ def test_starcoder2_structures_we_cannot_hold_are_refused(tmp_path, kw, field):
     config.update(kw)
     Starcoder2Config(**config).save_pretrained(tmp_path)  # refused from config.json, before any weights
     with pytest.raises(ConfigError, match=field) as info:
-        GPT.from_pretrained(str(tmp_path))
+        gpt_from_hf(str(tmp_path))
     assert "\n" not in str(info.value)
     with pytest.raises(UserError, match=field):
         load_model(str(tmp_path))
@@ -367,14 +368,14 @@ def test_gpt2_structures_we_cannot_hold_are_refused(tmp_path):
     from transformers import GPT2Config
     GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=1, n_head=4, activation_function="relu").save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="activation_function"):
-        GPT.from_pretrained(str(tmp_path))
+        gpt_from_hf(str(tmp_path))
 
 
 def test_other_architectures_are_refused(tmp_path):
     from transformers import LlamaConfig
     LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4).save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="llama"):
-        GPT.from_pretrained(str(tmp_path))
+        gpt_from_hf(str(tmp_path))
 
 
 # -----------------------------------------------------------------------------

@@ -8,8 +8,9 @@ import itertools
 import pytest
 import torch
 
-import model as M
-from model import GPTConfig, KVCache, sample_next_token, validate_sampling
+import generation
+from generation import KVCache, sample_next_token, validate_sampling
+from model import GPTConfig
 from conftest import tiny_model
 
 V = 64  # the vocabulary of conftest.tiny_model
@@ -262,7 +263,7 @@ def test_windowed_cache_does_not_grow_during_long_generation(monkeypatch):
             self.first_ptrs = [k.data_ptr() for k in self.keys]
             made.append(self)
 
-    monkeypatch.setattr(M, "KVCache", Recording)
+    monkeypatch.setattr(generation, "KVCache", Recording)
     model = tiny_model(rope=True, n_kv_head=1, window=(4, None), block_size=16)
     prompt, steps = tokens(1, 3), 80
     out = model.generate(prompt, steps, temperature=0, beyond_block_size=True)
@@ -381,7 +382,7 @@ def test_cached_generation_under_bf16_autocast(window, monkeypatch):
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(M, "KVCache", Recording)
+    monkeypatch.setattr(generation, "KVCache", Recording)
     prompt = idx[:, :10]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model.generate(prompt, 12, temperature=0, use_cache=True)

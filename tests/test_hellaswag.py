@@ -16,7 +16,7 @@ import torch
 
 from conftest import REPO, run_script, script_env, assert_user_error, tiny_model
 from common import UserError, save_checkpoint, get_tokenizer
-from model import GPT
+from hf_bridge import gpt_from_hf
 
 transformers = pytest.importorskip("transformers")
 tiktoken = pytest.importorskip("tiktoken")
@@ -90,7 +90,7 @@ def tiny(tmp_path_factory):
     hf.save_pretrained(folder)
     out_dir = root / "out"
     out_dir.mkdir()
-    model = GPT.from_pretrained(str(folder))
+    model = gpt_from_hf(str(folder))
     save_checkpoint(dict(model=model.state_dict(), model_args=model.config.to_dict(), iter_num=1234), str(out_dir / "ckpt.pt"))
     data = write_jsonl(root / "hellaswag_val.jsonl", EXAMPLES)
     return dict(hf=hf, folder=str(folder), out_dir=str(out_dir), data=data, root=root)
@@ -204,7 +204,7 @@ def test_script_matches_transformers_reference(tiny, single_run):
 
 
 def test_evaluate_in_process_matches_reference(tiny):
-    model = GPT.from_pretrained(tiny["folder"]).eval()
+    model = gpt_from_hf(tiny["folder"]).eval()
     encode = get_tokenizer(None)[0]
     result = eval_hellaswag.evaluate_hellaswag(model, EXAMPLES, "cpu", torch.autocast("cpu", enabled=False), encode)
     ref = reference(tiny["hf"], EXAMPLES)
@@ -230,7 +230,7 @@ def test_resume_appends_to_metrics(tiny, single_run):
 
 
 def test_max_examples_takes_the_first(tiny):
-    model = GPT.from_pretrained(tiny["folder"]).eval()
+    model = gpt_from_hf(tiny["folder"]).eval()
     encode = get_tokenizer(None)[0]
     full = eval_hellaswag.evaluate_hellaswag(model, EXAMPLES, "cpu", torch.autocast("cpu", enabled=False), encode)
     result = run_eval("--init_from=resume", f"--out_dir={tiny['out_dir']}", f"--data_path={tiny['data']}", "--max_examples=3")
@@ -258,7 +258,7 @@ class CountingModel(torch.nn.Module):
 def test_ranks_share_the_examples_and_run_equal_forwards(tiny, monkeypatch, world_size):
     """Each rank's tables, as they go into the all-reduce, sum to the single-process tables; every rank runs
     ceil(n / world_size) forwards, a rank without an example left repeating one whose scores are dropped."""
-    model = GPT.from_pretrained(tiny["folder"]).eval()
+    model = gpt_from_hf(tiny["folder"]).eval()
     encode = get_tokenizer(None)[0]
     ctx = torch.autocast("cpu", enabled=False)
     single = eval_hellaswag.evaluate_hellaswag(model, EXAMPLES, "cpu", ctx, encode)

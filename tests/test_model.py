@@ -15,6 +15,7 @@ import torch
 
 from conftest import SHARED, tiny_model
 from model import GPT, GPTConfig, load_model_state
+from hf_bridge import gpt_from_hf
 from common import estimate_mfu
 
 transformers = pytest.importorskip("transformers")
@@ -101,7 +102,7 @@ def test_tokenizer_files_are_real_gpt2(tiny_checkpoint):
 
 def test_tiny_checkpoint_logits_match_transformers(tiny_checkpoint):
     folder, hf = tiny_checkpoint
-    model = GPT.from_pretrained(folder)
+    model = gpt_from_hf(folder)
     assert model.config.n_layer == 2 and model.config.block_size == 64 and model.config.vocab_size == 50257
     idx = prompt_ids(folder)
     ref = hf_logits(hf, idx)
@@ -114,7 +115,7 @@ def test_tiny_checkpoint_logits_match_transformers(tiny_checkpoint):
 
 def test_tiny_checkpoint_loss_matches_transformers(tiny_checkpoint):
     folder, hf = tiny_checkpoint
-    model = GPT.from_pretrained(folder).eval()
+    model = gpt_from_hf(folder).eval()
     idx = prompt_ids(folder)
     with torch.no_grad():
         _, loss = model(idx[:, :-1], targets=idx[:, 1:])
@@ -132,7 +133,7 @@ def greedy_hf(hf, idx, steps):
 
 def test_tiny_checkpoint_greedy_continuation_matches_transformers(tiny_checkpoint):
     folder, hf = tiny_checkpoint
-    model = GPT.from_pretrained(folder).eval()
+    model = gpt_from_hf(folder).eval()
     idx = prompt_ids(folder)
     ref = greedy_hf(hf, idx, 20)
     for use_cache in (True, False):
@@ -146,7 +147,7 @@ def test_gpt2_small_shape_checkpoint_matches_transformers(tmp_path):
     hf = GPT2LMHeadModel(hf_config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)).eval()
     randomize_(hf, seed=2, matrices=False)
     folder = save_checkpoint(hf, tmp_path / "gpt2_small")
-    model = GPT.from_pretrained(folder)
+    model = gpt_from_hf(folder)
     assert model.get_num_params() == 124_439_808
     idx = prompt_ids(folder)
     torch.testing.assert_close(our_logits(model, idx), hf_logits(hf, idx), atol=1e-4, rtol=0)
@@ -166,7 +167,7 @@ def test_from_pretrained_offline_hub_name_says_pass_a_directory():
     except ImportError:
         pass
     with pytest.raises(OSError) as info:
-        GPT.from_pretrained("gpt2")
+        gpt_from_hf("gpt2")
     message = str(info.value)
     assert "\n" not in message
     assert "gpt2" in message and "directory" in message
@@ -174,24 +175,24 @@ def test_from_pretrained_offline_hub_name_says_pass_a_directory():
 
 def test_from_pretrained_missing_directory_is_oserror(tmp_path):
     with pytest.raises(OSError, match="directory"):
-        GPT.from_pretrained(str(tmp_path / "no_such_checkpoint"))
+        gpt_from_hf(str(tmp_path / "no_such_checkpoint"))
 
 
 def test_from_pretrained_rejects_larger_block_size(tiny_checkpoint):
     folder, _ = tiny_checkpoint
     with pytest.raises(ValueError, match="block_size"):
-        GPT.from_pretrained(folder, override_args=dict(block_size=65))
+        gpt_from_hf(folder, override_args=dict(block_size=65))
 
 
 def test_from_pretrained_rejects_unknown_override(tiny_checkpoint):
     folder, _ = tiny_checkpoint
     with pytest.raises(ValueError, match="n_layer"):
-        GPT.from_pretrained(folder, override_args=dict(n_layer=3))
+        gpt_from_hf(folder, override_args=dict(n_layer=3))
 
 
 def test_from_pretrained_smaller_block_size_crops_wpe(tiny_checkpoint):
     folder, hf = tiny_checkpoint
-    model = GPT.from_pretrained(folder, override_args=dict(block_size=16))
+    model = gpt_from_hf(folder, override_args=dict(block_size=16))
     assert model.config.block_size == 16
     assert model.transformer.wpe.weight.shape == (16, 32)
     torch.testing.assert_close(model.transformer.wpe.weight, hf.transformer.wpe.weight[:16])
@@ -232,7 +233,7 @@ def test_gqa_conversion_exact_when_heads_are_shared(tmp_path, n_kv_head):
                     w[:, c_attn_kv_columns(C, hd, h, which)] = w[:, c_attn_kv_columns(C, hd, first, which)]
                     b[c_attn_kv_columns(C, hd, h, which)] = b[c_attn_kv_columns(C, hd, first, which)]
     folder = save_checkpoint(hf, tmp_path / "shared_heads")
-    model = GPT.from_pretrained(folder, override_args=dict(n_kv_head=n_kv_head))
+    model = gpt_from_hf(folder, override_args=dict(n_kv_head=n_kv_head))
     assert model.config.n_kv_head == n_kv_head
     assert model.transformer.h[0].attn.c_attn.weight.shape == ((H + 2 * n_kv_head) * hd, C)
     idx = prompt_ids(folder)
@@ -243,7 +244,7 @@ def test_gqa_conversion_is_group_mean(tiny_checkpoint):
     folder, hf = tiny_checkpoint
     C, H, n_kv = 32, 4, 2
     hd, group = C // H, H // n_kv
-    model = GPT.from_pretrained(folder, override_args=dict(n_kv_head=n_kv))
+    model = gpt_from_hf(folder, override_args=dict(n_kv_head=n_kv))
     for layer, block in enumerate(hf.transformer.h):
         W = block.attn.c_attn.weight.detach()  # (C, 3C), Conv1D: out = x @ W + b
         b = block.attn.c_attn.bias.detach()
@@ -270,7 +271,7 @@ def test_n_kv_head_equal_to_n_head_loads_gpt2_unchanged(tiny_checkpoint):
     # nothing pooled: every tensor is the checkpoint's own (Conv1D weights transposed), and the logits are
     # transformers' GPT-2's
     folder, hf = tiny_checkpoint
-    model = GPT.from_pretrained(folder, override_args=dict(n_kv_head=4))
+    model = gpt_from_hf(folder, override_args=dict(n_kv_head=4))
     assert model.config.n_kv_head == 4
     conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
     theirs = hf.state_dict()

@@ -8,9 +8,11 @@ from contextlib import contextmanager, nullcontext
 import pytest
 import torch
 
-import model as M
+import generation
 from conftest import tiny_model
-from model import GPTConfig, KVCache, causal_window_mask
+from model import GPTConfig
+from generation import KVCache
+from attention import causal_window_mask
 
 
 def loop_mask(query_positions, key_positions, window):
@@ -34,7 +36,7 @@ def record_caches(monkeypatch):
             super().__init__(config, batch_size, max_positions, device, dtype)
             made.append(max_positions)
 
-    monkeypatch.setattr(M, "KVCache", Recording)
+    monkeypatch.setattr(generation, "KVCache", Recording)
     return made
 
 
@@ -155,15 +157,15 @@ def test_decode_layout_tokens_equal_the_plain_layout(batch, monkeypatch):
                           dim=1) for temperature in (0, 1.0)]
 
     seen = []
-    real_layout = type(model).cpu_decode_layout
+    real_layout = generation.cpu_decode_layout
 
     @contextmanager
-    def recording_layout(self, batch_size):
+    def recording_layout(m, batch_size):
         # the plain copy keeps nn.Linear's layout; the model enters the real re-layout and counts what it re-laid
-        with (real_layout(self, batch_size) if self is model else nullcontext()):
-            seen.append((self is model, sum(not p.is_contiguous() for p in self.parameters())))
+        with (real_layout(m, batch_size) if m is model else nullcontext()):
+            seen.append((m is model, sum(not p.is_contiguous() for p in m.parameters())))
             yield
-    monkeypatch.setattr(type(model), "cpu_decode_layout", recording_layout)
+    monkeypatch.setattr(generation, "cpu_decode_layout", recording_layout)
     relaid_tokens, plain_tokens = decode(model), decode(plain)
     assert seen == [(True, seen[0][1])] * 2 + [(False, 0)] * 2 and seen[0][1] >= 1  # re-laid in the first decodes only
     for a, b in zip(relaid_tokens, plain_tokens):

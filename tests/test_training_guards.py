@@ -8,7 +8,7 @@ import torch
 
 import pytest
 
-import model as M
+import attention
 from conftest import TINY_TRAIN_ARGS, assert_user_error, read_metrics, run_script, tiny_model
 from model import ConfigError
 
@@ -49,9 +49,9 @@ def test_cpu_attention_under_bf16_runs_in_fp32():
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 4, 64, 32, generator=g).to(torch.bfloat16) for _ in range(3))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = M.causal_attention(q, k, v, window=16)
+        out = attention.causal_attention(q, k, v, window=16)
     assert out.dtype == torch.bfloat16
-    expected = M.causal_attention(q.float(), k.float(), v.float(), window=16).to(torch.bfloat16)
+    expected = attention.causal_attention(q.float(), k.float(), v.float(), window=16).to(torch.bfloat16)
     assert torch.equal(out, expected)
     with torch.autocast("cpu", enabled=False):  # bf16 SDPA differs: the comparison above can fail
         in_bf16 = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(64, 64, dtype=torch.bool).tril()
@@ -113,7 +113,7 @@ def test_overflows_that_are_not_in_a_row_do_not_stop(tmp_path, data_root):
 def test_flex_kernel_refuses_dropout():
     q = k = v = torch.randn(1, 2, 16, 8)
     with pytest.raises(ConfigError, match="dropout"):
-        M.causal_attention(q, k, v, window=4, impl="flex", dropout_p=0.1)
+        attention.causal_attention(q, k, v, window=4, impl="flex", dropout_p=0.1)
     model = tiny_model(window=4, dropout=0.1).train()
     model.set_attention_impl("flex")
     with pytest.raises(ConfigError, match="dropout"):
