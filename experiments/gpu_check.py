@@ -622,7 +622,6 @@ def check_shakespeare(c):
     elif summary["best_val_loss"] >= summary["first_val_loss"]:
         failures.append(f"{name}: val loss did not improve ({summary['first_val_loss']:.4f} -> {summary['best_val_loss']:.4f})")
     figures = {f"{row['run']} best_val_loss": row["best_val_loss"] for row in rows}
-    figures["data"] = c.run_state.data["source"]
     figures["anchor"] = SHAKESPEARE_ANCHOR
     if failures:
         raise CheckFailed("; ".join(failures), dict(figures=figures, rows=rows))
@@ -861,13 +860,13 @@ def write_reports(report, out):
              "- versions: " + ", ".join(f"{k} {format_value(device.get(k))}" for k in VERSION_KEYS),
              f"- data: {report.get('data', 'not needed by the checks that ran')}",
              "- fixed costs (one process, measured at the start): "
-             + (", ".join(f"{k} {format_value(v)}" for k, v in report.get("fixed_costs", {}).items()) or "-"),
+             + (", ".join(f"{k} {v}" for k, v in report.get("fixed_costs", {}).items()) or "-"),
              f"- batch search cut short: {format_value(report.get('search_cut_short') or 'no')}",
              f"- time: {report.get('total_seconds', 0):.0f} s of a {report['budget_s']:.0f} s budget; start-up is estimated "
              "from the fixed costs for each command, work is the rest", "",
              "| check | status | seconds | start-up s | work s | figures |", "|---|---|---:|---:|---:|---|"]
     for e in report["checks"]:
-        figures = ", ".join(f"{k} {format_value(v)}" for k, v in (e.get("figures") or {}).items() if k not in ("anchor", "data"))
+        figures = ", ".join(f"{k} {format_value(v)}" for k, v in (e.get("figures") or {}).items() if k != "anchor")
         lines.append(f"| {e['name']} | {e['status']} | {e['seconds']:.0f} | {format_value(e.get('startup_s'))} "
                      f"| {format_value(e.get('work_s'))} | {figures} |")
     for e in report["checks"]:
