@@ -185,8 +185,13 @@ def bench_train(settings, config, dev, ptdtype):
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(settings.warmup_steps):  # compilation, allocator and cache warm-up
+    first_step_s = None  # with compile=True the first step compiles: experiments/gpu_check.py reports that apart
+    for i in range(settings.warmup_steps):  # compilation, allocator and cache warm-up
+        t0 = time.perf_counter()
         step()
+        if i == 0:
+            sync(dev)
+            first_step_s = time.perf_counter() - t0
     sync(dev)
     reset_peak_memory(dev)
     t0 = time.perf_counter()
@@ -197,7 +202,8 @@ def bench_train(settings, config, dev, ptdtype):
     tokens_per_sec = settings.batch_size * T / dt
     return dict(params=model.get_num_params(), flops_per_token=model.flops_per_token(T), ms_per_iter=dt * 1000,
                 tokens_per_sec=tokens_per_sec, mfu=estimate_mfu(model, T, tokens_per_sec, dev),
-                peak_mem_mib=peak_memory_mib(dev), kv_bytes_per_token=kv_bytes_per_token(config, getattr(torch, ptdtype)))
+                peak_mem_mib=peak_memory_mib(dev), kv_bytes_per_token=kv_bytes_per_token(config, getattr(torch, ptdtype)),
+                first_step_s=first_step_s)
 
 
 def bench_attention(settings, config, dev, ptdtype):

@@ -1,8 +1,10 @@
 """
 The GPU paths, each against a reference that does not take it: bf16 and float16 (GradScaler) training
-against float32, torch.compile against eager, FlexAttention's window against a dense attention with an
-explicit mask, the bf16 KV cache against the uncached forward, the fused AdamW against the per-tensor
-loop, and FSDP2 with bf16 mixed precision against one float32 process. The GPU variants are marked cuda
+against float32, a compiled rope + window model's training (FlexAttention inside the graph on CUDA) against
+eager, FlexAttention's window against a dense attention with an explicit mask, Muon on CUDA against Muon on
+the CPU, gradient checkpointing against keeping the activations, the bf16 KV cache against the uncached
+forward, the fused AdamW against the per-tensor loop, and FSDP2 with bf16 mixed precision and asynchronous
+sharded checkpoints against one float32 process. The GPU variants are marked cuda
 (skipped where there is no CUDA GPU; `pytest -m cuda` runs them, as experiments/gpu_check.py does). Where
 the same body means something on a CPU it runs there too, so the code is exercised in every run of the suite.
 """
@@ -18,8 +20,9 @@ import torch
 
 import train
 import attention
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, Block
 from common import load_checkpoint
+from optimizers import muon_available
 from conftest import TINY_TRAIN_ARGS, read_metrics, run_script, tiny_model
 from test_attention import naive_attention, forward_backward
 from test_distributed import torchrun
@@ -46,13 +49,17 @@ def stream(toy_data_root):
     return train.BatchStream(str(toy_data_root / "toy"), block_size=16, seed=3, vocab_size=V)
 
 
-def train_run(stream, device, dtype, steps=5, compile=False, init_scale=2.0**16):
-    """steps optimizer steps of train.py's train_step (2 micro-steps of 4 rows) on a fresh tiny model, from the
-    same initial weights whatever the device and precision. Returns (losses, grad norms, skipped steps, model, scaler).
-    bias=False: a key bias has a gradient that is zero in exact arithmetic, and AdamW blows its roundoff up."""
+MUON = dict(lr=0.02, momentum=0.95, ns_steps=5, weight_decay=0.0)  # train.py's defaults
+
+
+def train_run(stream, device, dtype, steps=5, compile=False, init_scale=2.0**16, muon=None, **config):
+    """steps optimizer steps of train.py's train_step (2 micro-steps of 4 rows) on a fresh tiny model (config overrides
+    GPTConfig fields), from the same initial weights whatever the device and precision. Returns (losses, grad norms,
+    skipped steps, model, scaler). bias=False: a key bias has a gradient that is zero in exact arithmetic, and AdamW
+    blows its roundoff up."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, vocab_size=V, n_layer=2, n_head=2, n_embd=32, bias=False)).to(device)
-    optimizer = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), device)
+    model = GPT(GPTConfig(**dict(dict(block_size=16, vocab_size=V, n_layer=2, n_head=2, n_embd=32, bias=False), **config))).to(device)
+    optimizer = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), device, muon=muon)
     scaler = torch.amp.GradScaler(device, enabled=dtype == "float16", init_scale=init_scale)
     run = torch.compile(model) if compile else model
     settings = SimpleNamespace(gradient_accumulation_steps=2, batch_size=4, fsdp=False, seed=7, out_dir="unused", grad_clip=1.0)
@@ -96,15 +103,81 @@ def test_float16_with_grad_scaler_close_to_fp32(stream):
     assert fp16[-1] < fp16[0] - 0.1
 
 
+ROPE_WINDOW = dict(rope=True, window=8)  # T=16: the window matters, and under compile on CUDA auto picks FlexAttention
+
+
 @pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow), CUDA])
-def test_compiled_training_equals_eager(stream, device):
-    eager, eager_norms, _, eager_model, _ = train_run(stream, device, "float32", steps=3)
-    compiled, compiled_norms, _, compiled_model, _ = train_run(stream, device, "float32", steps=3, compile=True)
-    assert compiled == pytest.approx(eager, abs=1e-4)
-    assert compiled_norms == pytest.approx(eager_norms, rel=1e-3)
-    for (name, a), b in zip(eager_model.named_parameters(), compiled_model.parameters()):
-        torch.testing.assert_close(b, a, atol=1e-4, rtol=0, msg=lambda m: f"{name}: {m}")
+def test_compiled_rope_window_training_equals_eager(stream, device, monkeypatch):
+    """torch.compile over train.py's step on a rope + window model. On CUDA attn_impl='auto' runs FlexAttention's
+    block-sparse kernel inside the compiled graph (it picks it only while compiling) and dense SDPA in eager: two
+    kernels, equal within float32 rounding (TF32 in FlexAttention's kernel). On the CPU both run the dense kernel."""
+    traced = []
+    original = attention.flex_window_attention
+
+    def recording_flex(q, k, v, window):
+        traced.append(torch.compiler.is_compiling())
+        return original(q, k, v, window)
+
+    eager, eager_norms, _, eager_model, _ = train_run(stream, device, "float32", steps=3, **ROPE_WINDOW)
+    monkeypatch.setattr(attention, "flex_window_attention", recording_flex)
+    compiled, compiled_norms, _, compiled_model, _ = train_run(stream, device, "float32", steps=3, compile=True, **ROPE_WINDOW)
+    torch.compiler.reset()
+    if device == "cuda":
+        assert traced and all(traced), "FlexAttention did not run inside the compiled graph"
+        loss_tolerance, norm_tolerance = 2e-3, 1e-2
+    else:
+        assert not traced
+        loss_tolerance, norm_tolerance = 1e-4, 1e-3
+        for (name, a), b in zip(eager_model.named_parameters(), compiled_model.parameters()):
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=0, msg=lambda m: f"{name}: {m}")
+    assert compiled == pytest.approx(eager, abs=loss_tolerance)
+    assert compiled_norms == pytest.approx(eager_norms, rel=norm_tolerance)
     assert compiled[-1] < compiled[0]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not muon_available(), reason="torch.optim.Muon needs PyTorch >= 2.9")
+def test_muon_on_cuda_trains_like_muon_on_the_cpu(stream):
+    """Muon for the block matrices and AdamW for the rest (configure_optimizers' split), bf16 autocast: the same
+    steps on CUDA as on the CPU within bf16 rounding (the Newton-Schulz iteration runs in bf16 on both)."""
+    cpu, cpu_norms, _, _, _ = train_run(stream, "cpu", "bfloat16", muon=MUON)
+    cuda, cuda_norms, skipped, model, _ = train_run(stream, "cuda", "bfloat16", muon=MUON)
+    assert_runs_in(model, "cuda", "bfloat16")
+    assert max(abs(a - b) for a, b in zip(cpu, cuda)) < 0.05, (cpu, cuda)
+    assert cuda_norms == pytest.approx(cpu_norms, rel=0.1) and not any(skipped)
+    assert cuda[-1] < cuda[0] - 0.1
+    adamw_only, _, _, _, _ = train_run(stream, "cuda", "bfloat16")
+    assert max(abs(a - b) for a, b in zip(adamw_only[1:], cuda[1:])) > 1e-3, "the same losses as AdamW alone: Muon did not step"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_checkpointing_gives_the_same_gradients(device, monkeypatch):
+    """model.gradient_checkpointing (train.py --grad_checkpoint=True): each block's forward runs again in backward,
+    and the loss and gradients equal those of a forward that kept its activations."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=V, n_layer=2, n_head=2, n_embd=32, **ROPE_WINDOW)).to(device).train()
+    idx = torch.randint(0, V, (4, 16), generator=torch.Generator().manual_seed(1)).to(device)
+    forwards = [0]
+    original = Block.forward
+
+    def counting_forward(self, *args, **kwargs):
+        forwards[0] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Block, "forward", counting_forward)
+    results = {}
+    for checkpointing in (False, True):
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad(set_to_none=True)
+        forwards[0] = 0
+        _, loss = model(idx, idx)
+        loss.backward()
+        results[checkpointing] = (loss.item(), forwards[0], {n: p.grad.clone() for n, p in model.named_parameters()})
+    (plain_loss, plain_forwards, plain_grads), (loss, forwards_again, grads) = results[False], results[True]
+    assert plain_forwards == 2 and forwards_again == 4  # 2 blocks; with checkpointing each runs again in backward
+    assert loss == pytest.approx(plain_loss, abs=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 def relative_error(a, b):
@@ -183,15 +256,18 @@ def test_fused_adamw_matches_the_per_tensor_loop(device):
 
 @pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow), CUDA])
 def test_fsdp2_bf16_mixed_precision_trains_like_one_fp32_process(toy_data_root, tmp_path, device):
-    """torchrun --nproc_per_node=1 train.py --fsdp=True --dtype=bfloat16 (NCCL on a GPU, gloo on a CPU): bf16
-    compute through FSDP2's mixed-precision policy, float32 master weights, losses near one float32 process."""
+    """torchrun --nproc_per_node=1 train.py --fsdp=True --dtype=bfloat16 --async_checkpoint=True (NCCL on a GPU,
+    gloo on a CPU): bf16 compute through FSDP2's mixed-precision policy, float32 master weights, losses near one
+    float32 process, the checkpoints written in shards in the background and read back."""
     args = [*TINY_TRAIN_ARGS, f"--device={device}", "--bias=False", "--max_iters=8", "--eval_interval=8",
             "--gradient_accumulation_steps=2", "--dataset=toy", f"--data_root={toy_data_root}"]
     single, fsdp = str(tmp_path / "single"), str(tmp_path / "fsdp")
     run_script(*args, "--dtype=float32", f"--out_dir={single}", timeout=300, check=True)
-    result = torchrun(1, *args, "--dtype=bfloat16", "--fsdp=True", f"--out_dir={fsdp}", timeout=300)
+    result = torchrun(1, *args, "--dtype=bfloat16", "--fsdp=True", "--async_checkpoint=True", f"--out_dir={fsdp}", timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "FSDP on 1 x" in result.stdout and "bfloat16" in result.stdout
+    assert "checkpoints: sharded, each process writing its own part in the background" in result.stdout
+    assert os.path.isdir(os.path.join(fsdp, "ckpt.dcp"))
     reference = {r["iter"]: r["loss"] for r in read_metrics(single) if "loss" in r}
     ours = {r["iter"]: r["loss"] for r in read_metrics(fsdp) if "loss" in r}
     assert ours.keys() == reference.keys() and len(ours) == 8
