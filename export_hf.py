@@ -27,7 +27,8 @@ import torch
 from model import ConfigError, GPT2_VOCAB_SIZE
 from hf_bridge import HF_CLASS_NAMES, build_hf_model, common_window, target_architecture
 from configurator import apply_overrides
-from common import UserError, run_main, load_trained, gpt2_encoding, checkpoint_path, describe_trained
+from common import UserError, run_main, gpt2_encoding
+from checkpoint import load_trained, checkpoint_path, describe_trained
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the train.py run whose model is exported
