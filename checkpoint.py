@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from errors import UserError
-from model import GPT, GPTConfig, ConfigError, GPT2_VOCAB_SIZE, load_model_state
+from model import GPT, GPTConfig, ConfigError, GPT2_NAMES, GPT2_VOCAB_SIZE, load_model_state
 from durable import write_atomically, tensor_bytes, unwritable, SHARDED_INDEX_NAME
 from optimizers import OptimizerGroup
 from distributed import gather_from_every_rank, on_rank_0_for_all, restart_count
@@ -253,6 +253,23 @@ def describe_trained(loaded: "LoadedModel") -> str:
 
 # -----------------------------------------------------------------------------
 # a resume: where a launch starts, what it adopts from the checkpoint and what it refuses
+
+def check_out_dir_and_sources(settings):
+    """out_dir can hold the run's checkpoints, and init_from and auto_from name something to start from."""
+    if os.path.exists(settings.out_dir) and not os.path.isdir(settings.out_dir):
+        raise UserError(f"out_dir {settings.out_dir!r} is a file, not a folder; choose another --out_dir")
+    parent = os.path.abspath(settings.out_dir)
+    while not os.path.exists(parent):  # the folder that will hold out_dir must be a writable folder
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UserError(f"out_dir {settings.out_dir!r} cannot be created under {parent} (not a writable folder); choose another --out_dir")
+    sources = ("scratch", "resume", "auto", *GPT2_NAMES)
+    if settings.init_from not in sources and not os.path.isdir(settings.init_from):
+        raise UserError(f"unknown init_from {settings.init_from!r}; use {', '.join(sources)} or a local folder in the Hugging Face format")
+    if settings.auto_from not in ("scratch", *GPT2_NAMES) and not os.path.isdir(settings.auto_from):
+        raise UserError(f"unknown auto_from {settings.auto_from!r} (what init_from=auto starts a new run from); "
+                        f"use scratch, {', '.join(GPT2_NAMES)} or a local folder in the Hugging Face format")
+
 
 def resolve_init_from(settings, processes):
     """

@@ -27,21 +27,21 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import GPT, GPTConfig, ConfigError, ATTENTION_IMPLS, GPT2_NAMES, PADDED_GPT2_VOCAB_SIZE
+from model import GPT, GPTConfig, ConfigError, ATTENTION_IMPLS
 from configurator import apply_overrides
 from optimizers import OptimizerGroup, muon_available
 from eval_hellaswag import load_hellaswag, evaluate_hellaswag, example_rows
 from common import (UserError, run_main, range_check, pick_device, pick_dtype, autocast_context, new_model,
-                    load_pretrained, read_char_vocab, is_character_vocabulary, estimate_mfu, get_tokenizer)
-from checkpoint import (MODEL_SETTINGS, FileCheckpoints, ShardedCheckpoints, RunPosition, open_checkpoints, read_resume,
-                        resolve_init_from, changed_settings, restore, has_checkpoint)
+                    load_pretrained, is_character_vocabulary, estimate_mfu, get_tokenizer)
+from checkpoint import (MODEL_SETTINGS, FileCheckpoints, ShardedCheckpoints, RunPosition, check_out_dir_and_sources,
+                        resolve_init_from, read_resume, changed_settings, restore, open_checkpoints, has_checkpoint)
 from distributed import (Processes, processes_from_env, init_process_group, gather_from_every_rank, wrap_model,
                          is_on_meta, materialise_sharded, gradient_bytes, training_state_bytes, release)
 from stopping import StopRequest, check_stop, STOPPED_EXIT
+from dataloader import BatchStream, TRAIN_STREAM, EVAL_STREAMS, dropout_seed, data_vocabulary
 from runlog import RunLog
 
 # -----------------------------------------------------------------------------
@@ -122,10 +122,6 @@ seed = 1337
 # -----------------------------------------------------------------------------
 
 OPTIMIZERS = ("adamw", "muon")
-# the batch stream's generators: the training batches, the fixed evaluation batches of each split, and dropout's
-TRAIN_STREAM = 0
-EVAL_STREAMS = {"train": 1, "val": 2}
-DROPOUT_STREAM = 3
 MAX_SKIPPED_STEPS = 20  # float16: this many overflowing steps in a row is divergence, not a scale still settling
 HELLASWAG_CHUNK = 16  # examples per process between two looks at a stop request
 
@@ -149,6 +145,7 @@ def validate_settings(settings):
         need(settings.lr_decay_iters >= settings.warmup_iters, "lr_decay_iters",
              f"use at least warmup_iters={settings.warmup_iters}: the cosine decay starts where the warmup ends")
     validate_optimizer(settings, need)
+    need(0 <= settings.seed < 2**63, "seed", "use an integer in [0, 2**63)")
     need(settings.compile in (None, True, False), "compile", "use True, False or None (None: on for CUDA only)")
     need(not (settings.attn_impl == "flex" and settings.dropout > 0 and settings.window is not None), "attn_impl",
          "the flex kernel has no dropout; use --attn_impl=blocked (or auto) with dropout, or --dropout=0")
@@ -158,7 +155,7 @@ def validate_settings(settings):
     need(not settings.fsdp_cpu_offload or settings.fsdp, "fsdp_cpu_offload", "it needs --fsdp=True")
     need(not settings.async_checkpoint or settings.fsdp, "async_checkpoint",
          "it needs --fsdp=True (one process and DDP write one file, synchronously)")
-    validate_sources(settings)
+    check_out_dir_and_sources(settings)
     if settings.hellaswag_interval:
         need(settings.hellaswag_interval >= 0, "hellaswag_interval", "use an integer >= 0 (0 is off)")
         need(settings.hellaswag_max_examples >= 0, "hellaswag_max_examples", "use an integer >= 0 (0: all of them)")
@@ -173,7 +170,7 @@ def validate_settings(settings):
 
 
 def validate_optimizer(settings, need):
-    """The optimizer's settings: AdamW's always, Muon's under --optimizer=muon."""
+    """The optimizer's settings: AdamW's and clipping always, Muon's under --optimizer=muon."""
     need(math.isfinite(settings.weight_decay) and settings.weight_decay >= 0, "weight_decay", "use a number >= 0")
     need(settings.optimizer in OPTIMIZERS, "optimizer", f"use one of {', '.join(OPTIMIZERS)}")
     if settings.optimizer == "muon":  # Muon's settings; with AdamW alone they are unused
@@ -189,24 +186,6 @@ def validate_optimizer(settings, need):
     for key in ("beta1", "beta2"):
         need(0 <= getattr(settings, key) < 1, key, "use a number in [0, 1)")
     need(math.isfinite(settings.grad_clip) and settings.grad_clip >= 0, "grad_clip", "use a number > 0, or 0 to disable clipping")
-    need(0 <= settings.seed < 2**63, "seed", "use an integer in [0, 2**63)")
-
-
-def validate_sources(settings):
-    """out_dir can be written, and init_from and auto_from name something to start from."""
-    if os.path.exists(settings.out_dir) and not os.path.isdir(settings.out_dir):
-        raise UserError(f"out_dir {settings.out_dir!r} is a file, not a folder; choose another --out_dir")
-    parent = os.path.abspath(settings.out_dir)
-    while not os.path.exists(parent):  # the folder that will hold out_dir must be a writable folder
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise UserError(f"out_dir {settings.out_dir!r} cannot be created under {parent} (not a writable folder); choose another --out_dir")
-    sources = ("scratch", "resume", "auto", *GPT2_NAMES)
-    if settings.init_from not in sources and not os.path.isdir(settings.init_from):
-        raise UserError(f"unknown init_from {settings.init_from!r}; use {', '.join(sources)} or a local folder in the Hugging Face format")
-    if settings.auto_from not in ("scratch", *GPT2_NAMES) and not os.path.isdir(settings.auto_from):
-        raise UserError(f"unknown auto_from {settings.auto_from!r} (what init_from=auto starts a new run from); "
-                        f"use scratch, {', '.join(GPT2_NAMES)} or a local folder in the Hugging Face format")
 
 
 def check_launch(settings, processes):
@@ -227,68 +206,6 @@ def check_launch(settings, processes):
 
 # -----------------------------------------------------------------------------
 # data
-
-class BatchStream:
-    """
-    Rows of block_size + 1 tokens from data_dir/{train,val}.bin at offsets that are a pure function of
-    (seed, stream, index): TRAIN_STREAM is training (index = step), EVAL_STREAMS the fixed evaluation batches
-    of each split. Every process computes the whole global batch's offsets and takes its slice.
-    """
-
-    def __init__(self, data_dir, block_size, seed, vocab_size):
-        self.data_dir, self.block_size, self.seed, self.vocab_size = data_dir, block_size, seed, vocab_size
-
-    def path(self, split):
-        return os.path.join(self.data_dir, f"{split}.bin")
-
-    def tokens(self, split):
-        # a fresh memmap per batch avoids the memory growth of keeping one open (nanoGPT's note)
-        return np.memmap(self.path(split), dtype=np.uint16, mode="r")
-
-    def check(self):
-        """All data problems a user can cause, found before any work is done."""
-        dataset = os.path.basename(os.path.normpath(self.data_dir))
-        for split in ("train", "val"):
-            path = self.path(split)
-            if not os.path.exists(path):
-                raise UserError(f"no {split} data at {path}; prepare it first with: python data/{dataset}/prepare.py")
-            n = os.path.getsize(path) // 2
-            if n < self.block_size + 1:
-                raise UserError(f"{path} has {n} tokens, fewer than block_size + 1 = {self.block_size + 1}; "
-                                f"use a smaller --block_size or more data")
-            if n <= 200_000_000:  # a full scan is quick below this size; larger sets are checked batch by batch
-                top = int(self.tokens(split).max())
-                if top >= self.vocab_size:
-                    raise UserError(f"{path} holds token id {top}, not below the model's vocab_size {self.vocab_size}: "
-                                    f"the data and the model disagree; prepare the data again with python data/{dataset}/prepare.py")
-
-    def offsets(self, stream, index, rows, split):
-        n_tokens = len(self.tokens(split))
-        return np.random.default_rng([self.seed, stream, index]).integers(0, n_tokens - self.block_size, size=rows)
-
-    def rows(self, split, offsets):
-        """(inputs, targets) as int64 tensors of shape (len(offsets), block_size)."""
-        data = self.tokens(split)
-        x = np.stack([data[o:o + self.block_size] for o in offsets]).astype(np.int64)
-        y = np.stack([data[o + 1:o + 1 + self.block_size] for o in offsets]).astype(np.int64)
-        if x.max() >= self.vocab_size or y.max() >= self.vocab_size:
-            raise UserError(f"{self.path(split)} holds a token id >= vocab_size {self.vocab_size}; prepare the data again")
-        return torch.from_numpy(x), torch.from_numpy(y)
-
-
-def dropout_seed(seed, step, micro_batch):
-    """The seed of the dropout masks of global micro-batch `micro_batch` of `step`, whichever process runs it."""
-    entropy = [seed, DROPOUT_STREAM, step, micro_batch]
-    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def data_vocabulary(data_dir):
-    """(vocab_size, character list or None): a character set's meta.json, else GPT-2's padded BPE."""
-    meta_path = os.path.join(data_dir, "meta.json")
-    if os.path.exists(meta_path):
-        return read_char_vocab(meta_path)
-    return PADDED_GPT2_VOCAB_SIZE, None
-
 
 def read_hellaswag_examples(settings, vocab_size, chars):
     """The HellaSwag examples to score during training, or None when hellaswag_interval is 0."""
@@ -330,13 +247,9 @@ def build_model(settings, assigned, init_from, vocab_size, chars, processes):
     if settings.rope and not loaded.model.config.rope:  # the source decides the position encoding; it cannot be switched
         raise UserError(f"{init_from} uses learned positions; --rope=True needs init_from=scratch or a rotary model")
     if loaded.chars != chars:
-        raise UserError(f"{init_from} reads {vocabulary_name(loaded.chars)} but {settings.dataset} is in "
-                        f"{vocabulary_name(chars)}; fine-tune it on data in its own tokens")
+        theirs, ours = ("GPT-2 BPE" if c is None else f"a {len(c)}-character vocabulary" for c in (loaded.chars, chars))
+        raise UserError(f"{init_from} reads {theirs} but {settings.dataset} is in {ours}; fine-tune it on data in its own tokens")
     return loaded.model, None
-
-
-def vocabulary_name(chars):
-    return "GPT-2 BPE" if chars is None else f"a {len(chars)}-character vocabulary"
 
 
 def build_optimizer(model, settings, device_type):
@@ -379,10 +292,11 @@ class TrainState:
             self.wrapped.require_backward_grad_sync = enabled
 
 
-def start_training(settings, model, processes, dev, ptdtype, chars, initialise=True):
-    """The model placed, wrapped and compiled as the settings ask, with a fresh optimizer and scaler. A model FSDP
-    built on the meta device gets its shards' storage here, and GPT()'s weights unless a checkpoint will fill
-    them (initialise=False)."""
+def start_training(settings, model, processes, placement, chars, initialise=True):
+    """The model placed (placement: device and dtype, from check_launch), wrapped and compiled as the settings ask,
+    with a fresh optimizer and scaler. A model FSDP built on the meta device gets its shards' storage here, and
+    GPT()'s weights unless a checkpoint will fill them (initialise=False)."""
+    dev, ptdtype = placement
     device_type = dev.split(":")[0]
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -684,7 +598,8 @@ def main():
     settings = SimpleNamespace(**apply_overrides(globals(), sys.argv[1:], assigned=assigned))
     processes = processes_from_env()
     validate_settings(settings)
-    dev, ptdtype = check_launch(settings, processes)
+    placement = check_launch(settings, processes)
+    dev, ptdtype = placement
     data_dir = os.path.join(settings.data_root, settings.dataset)
     vocab_size, chars = data_vocabulary(data_dir)
     if "scratch" in (settings.init_from, settings.auto_from):  # the settings must make a model, whatever auto decides
@@ -705,7 +620,7 @@ def main():
             hellaswag = (hellaswag_examples, get_tokenizer().encode)
             for i, example in enumerate(hellaswag_examples):  # an ending the model cannot hold: say so before training
                 example_rows(example, hellaswag[1], model.config.block_size, i)
-        state = start_training(settings, model, processes, dev, ptdtype, chars, initialise=checkpoint is None)
+        state = start_training(settings, model, processes, placement, chars, initialise=checkpoint is None)
         position = RunPosition.of(checkpoint, settings.eval_only)
         changes = changed_settings(settings, checkpoint, processes.world_size)
         if checkpoint is not None:  # every process reads its part, on any world size
