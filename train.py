@@ -275,7 +275,7 @@ class TrainState:
     processes: Processes
     autocast: AbstractContextManager
     device: str
-    checkpoints: FileCheckpoints | ShardedCheckpoints  # where and how this run's checkpoints are written
+    checkpoints: FileCheckpoints | ShardedCheckpoints | None = None  # where and how this run's checkpoints are written
     chars: list | None = None  # the character vocabulary the checkpoints carry
     gradient_bytes: int | None = None  # the most gradient storage this process held in its first step (measured)
 

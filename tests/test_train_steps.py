@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import train
+import checkpoint
 import model as model_module
 from model import GPT, GPTConfig
 from common import UserError
@@ -105,8 +106,8 @@ def step(model, optimizer, scaler, stream, index=0, **overrides):
 def test_grad_scaler_step_unscales_before_clipping_and_updates_like_an_unscaled_step(stream):
     plain = make_run(stream, scaler_enabled=False)
     scaled = make_run(stream, scaler_enabled=True, init_scale=2.0**12)
-    loss_a, norm_a, _, skipped_a = step(*plain, stream)
-    loss_b, norm_b, _, skipped_b = step(*scaled, stream)
+    loss_a, norm_a, skipped_a = step(*plain, stream)
+    loss_b, norm_b, skipped_b = step(*scaled, stream)
     assert not skipped_a and not skipped_b
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
     # the norm is of the true gradients: a scaled norm would be 4096 times larger and clip far harder
@@ -119,7 +120,7 @@ def test_grad_scaler_step_unscales_before_clipping_and_updates_like_an_unscaled_
 def test_grad_scaler_skips_the_step_when_gradients_overflow(stream):
     model, optimizer, scaler = make_run(stream, scaler_enabled=True, init_scale=3e38)  # loss * scale overflows
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    _, grad_norm, _, skipped = step(model, optimizer, scaler, stream)
+    _, grad_norm, skipped = step(model, optimizer, scaler, stream)
     assert skipped and not math.isfinite(grad_norm)
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), f"{name} changed on an overflowing step"
@@ -136,13 +137,13 @@ def test_grad_scaler_state_goes_into_the_checkpoint_and_back(stream, tmp_path):
     step(model, optimizer, scaler, stream)
     assert scaler.get_scale() == 2.0**6
     state = SimpleNamespace(settings=SimpleNamespace(out_dir=str(tmp_path)), model=model, optimizer=optimizer, scaler=scaler,
-                            checkpointer=None,
+                            checkpoints=checkpoint.FileCheckpoints(str(tmp_path)),
                             processes=train.Processes(), chars=None)
     train.save_run(state, train.RunPosition(step=1, best_val_loss=1.0), evaluated=True)
-    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     fresh_model, fresh_optimizer, fresh_scaler = make_run(stream, scaler_enabled=True, init_scale=1.0)
-    fresh_model.load_state_dict(checkpoint["model"])
-    train.restore_training_state(checkpoint, fresh_model, fresh_optimizer, fresh_scaler)
+    fresh_model.load_state_dict(saved["model"])
+    checkpoint.restore_training_state(saved, fresh_model, fresh_optimizer, fresh_scaler)
     assert fresh_scaler.get_scale() == 2.0**6
     assert fresh_scaler.state_dict() == scaler.state_dict()
 
@@ -230,6 +231,6 @@ def test_a_non_finite_loss_stops_a_run_but_is_a_skipped_step_under_the_grad_scal
             step(model, optimizer, scaler, stream)
         return
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    loss, _, _, skipped = step(model, optimizer, scaler, stream)
+    loss, _, skipped = step(model, optimizer, scaler, stream)
     assert skipped and not math.isfinite(loss)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
