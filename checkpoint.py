@@ -226,15 +226,13 @@ def model_of(checkpoint: dict, path: str) -> GPT:
     return model
 
 
-def load_trained(out_dir: str, checkpoint: dict | None = None, need_decoding: bool = True,
-                 which: str = "auto") -> LoadedModel:
+def load_trained(out_dir: str, need_decoding: bool = True, which: str = "auto") -> LoadedModel:
     """The model of a checkpoint train.py wrote in out_dir: `which` as checkpoint_path takes it (by default
-    best.pt when the run has one, else ckpt.pt), or `checkpoint`, already read from out_dir/ckpt.pt.
+    best.pt when the run has one, else ckpt.pt), one file or shards, read whole on this process.
     A character-level model without its character list is a UserError unless need_decoding=False."""
-    path = checkpoint_path(out_dir, "last" if checkpoint is not None else which)
+    path = checkpoint_path(out_dir, which)
     path = current_checkpoint(path) or path  # the file, or its sharded twin: the one read, named in messages
-    if checkpoint is None:
-        checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path)
     model = model_of(checkpoint, path)
     chars = checkpoint.get("chars")
     if need_decoding and chars is None and is_character_vocabulary(model.config.vocab_size):
@@ -426,60 +424,77 @@ class RunPosition:
 # -----------------------------------------------------------------------------
 # writing a run's checkpoints: one interface (save, wait, close), two implementations
 
-class FileCheckpoints:
-    """ckpt.pt and best.pt: every process takes part in gathering the state, rank 0 writes, and a file it cannot
-    write (a full disk) ends every process with its one line."""
-    in_background = False
+class Checkpoints:
+    """What a run asks of its checkpoints, however they are written: save (ckpt.pt, and best.pt with an improved
+    validation loss), wait for a save in progress, close; `where` a resume finds them, and `note`, what the start
+    line says about them (None: nothing to say)."""
+    in_background = False  # a save returns before its files are written
+    note = None
 
-    def __init__(self, out_dir, note=None):
+    def __init__(self, out_dir):
         self.last, self.best = checkpoint_path(out_dir, "last"), checkpoint_path(out_dir, "best")
-        self.note = note  # what the start line says about them (FSDP on a filesystem the nodes do not share)
 
     def save(self, values, model, optimizer, scaler, val_loss=None):
         """ckpt.pt from `values` (plain values) and the state of model, optimizer and scaler; with val_loss (an
-        improved validation loss) best.pt, the weights alone, after it. Returns the paths written."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict, StateDictOptions
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        weights = {k: v for k, v in values.items() if k not in RUN_KEYS}
-
-        def write():
-            save_checkpoint(dict(values, model=model_sd, optimizer=optim_sd, scaler=scaler.state_dict()), self.last)
-            remove_sharded_twin(self.last)  # an FSDP run's older state, if this run changed from FSDP
-            if val_loss is not None:
-                save_checkpoint(dict(weights, model=model_sd, val_loss=val_loss), self.best)
-                remove_sharded_twin(self.best)
-        on_rank_0_for_all(write)
-        return [self.last] + ([self.best] if val_loss is not None else [])
+        improved validation loss) best.pt, the weights alone, after it. Every process calls it. Returns the paths
+        written."""
+        raise NotImplementedError
 
     @property
     def where(self):
         return self.last
 
     def wait(self):
-        pass
+        """Block until the save in progress, if any, is written; re-raise what it failed with."""
 
     def close(self):
-        pass
+        self.wait()
+
+    @staticmethod
+    def weights_values(values, val_loss):
+        """best.pt's values: ckpt.pt's but those of the run (RUN_KEYS), with the validation loss."""
+        return dict({k: v for k, v in values.items() if k not in RUN_KEYS}, val_loss=val_loss)
 
 
-class ShardedCheckpoints:
+class FileCheckpoints(Checkpoints):
+    """ckpt.pt and best.pt: every process takes part in gathering the state, rank 0 writes, and a file it cannot
+    write (a full disk) ends every process with its one line."""
+
+    def __init__(self, out_dir, note=None):
+        super().__init__(out_dir)
+        self.note = note  # FSDP on a filesystem the nodes do not share
+
+    def save(self, values, model, optimizer, scaler, val_loss=None):
+        from torch.distributed.checkpoint.state_dict import get_state_dict, StateDictOptions
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+        def write():
+            save_checkpoint(dict(values, model=model_sd, optimizer=optim_sd, scaler=scaler.state_dict()), self.last)
+            remove_sharded_twin(self.last)  # an FSDP run's older state, if this run changed from FSDP
+            if val_loss is not None:
+                save_checkpoint(dict(self.weights_values(values, val_loss), model=model_sd), self.best)
+                remove_sharded_twin(self.best)
+        on_rank_0_for_all(write)
+        return [self.last] + ([self.best] if val_loss is not None else [])
+
+
+class ShardedCheckpoints(Checkpoints):
     """ckpt.dcp/ and best.dcp/, each process writing its own shards (sharded_checkpoint.py), in the background
-    with asynchronous=True (the next save, wait() or close() waits for the one in progress)."""
+    with asynchronous=True (the next save, wait() or close() waits for the one in progress). The scaler is off
+    under FSDP (bfloat16): it has no state to keep."""
 
     def __init__(self, out_dir, asynchronous):
         from sharded_checkpoint import ShardedCheckpointer
+        super().__init__(out_dir)
         self.writer = ShardedCheckpointer(asynchronous=asynchronous)
-        self.last, self.best = checkpoint_path(out_dir, "last"), checkpoint_path(out_dir, "best")
         self.in_background = asynchronous
         self.note = "sharded, each process writing its own part" + (" in the background" if asynchronous else "")
 
     def save(self, values, model, optimizer, scaler, val_loss=None):
-        """As FileCheckpoints.save; the scaler is off under FSDP (bfloat16), so it has no state to keep."""
         self.writer.save(sharded_path(self.last), model, optimizer, values, replaces=self.last)
         if val_loss is None:
             return [sharded_path(self.last)]
-        weights = {k: v for k, v in values.items() if k not in RUN_KEYS}
-        self.writer.save(sharded_path(self.best), model, None, dict(weights, val_loss=val_loss), replaces=self.best)
+        self.writer.save(sharded_path(self.best), model, None, self.weights_values(values, val_loss), replaces=self.best)
         return [sharded_path(self.last), sharded_path(self.best)]
 
     @property

@@ -14,7 +14,9 @@ A run's files: out_dir/ckpt.pt, the state to continue from (every evaluation, an
 out_dir/best.pt, the best-validated weights (only when the validation loss improves; nothing replaces it
 with worse). --init_from=auto is one command for the first launch and every relaunch; a torchrun restart or
 a SLURM requeue of any run continues it. Exit status: 0 finished, 1 an error (one line), 75 stopped on a
-signal (SIGTERM, SIGINT, SIGUSR1) with a checkpoint to resume from.
+signal (SIGTERM, SIGINT, SIGUSR1) with a checkpoint to resume from. Beside it: dataloader.py (the batches),
+checkpoint.py (writing, reading and resuming checkpoints), distributed.py (the processes, DDP and FSDP),
+stopping.py (stop signals) and runlog.py (console lines and metrics.jsonl).
 """
 
 import os
@@ -36,7 +38,7 @@ from optimizers import OptimizerGroup, muon_available
 from eval_hellaswag import load_hellaswag, evaluate_hellaswag, example_rows
 from common import (UserError, run_main, range_check, pick_device, pick_dtype, autocast_context, new_model,
                     load_pretrained, is_character_vocabulary, estimate_mfu, get_tokenizer)
-from checkpoint import (MODEL_SETTINGS, FileCheckpoints, ShardedCheckpoints, RunPosition, check_out_dir_and_sources,
+from checkpoint import (MODEL_SETTINGS, Checkpoints, RunPosition, check_out_dir_and_sources,
                         resolve_init_from, read_resume, changed_settings, restore, open_checkpoints, has_checkpoint)
 from distributed import (Processes, processes_from_env, init_process_group, gather_from_every_rank, wrap_model,
                          is_on_meta, materialise_sharded, gradient_bytes, training_state_bytes, release)
@@ -275,7 +277,7 @@ class TrainState:
     processes: Processes
     autocast: AbstractContextManager
     device: str
-    checkpoints: FileCheckpoints | ShardedCheckpoints | None = None  # where and how this run's checkpoints are written
+    checkpoints: Checkpoints | None = None  # where and how this run's checkpoints are written (checkpoint.py)
     chars: list | None = None  # the character vocabulary the checkpoints carry
     gradient_bytes: int | None = None  # the most gradient storage this process held in its first step (measured)
 
@@ -563,6 +565,8 @@ def train_loop(state, batches, log, position, hellaswag):
     while True:
         step = position.step
         lr = set_learning_rates(state.optimizer, step, settings)
+        if check_stop(state.processes, state.device):  # then nothing but the checkpoint: torchrun and SLURM kill 30 s after their signal
+            return stop(state, log, position)
         last_step = step >= settings.max_iters
         if due(settings.eval_interval, position, last_step, settings.eval_only):
             if not evaluate(state, batches, log, position, lr):
@@ -586,8 +590,6 @@ def train_loop(state, batches, log, position, hellaswag):
         if step == first_step:  # optimizer state exists now: report what each process holds
             report_training_state(state, log, step)
         position.step += 1
-        if check_stop(state.processes, state.device):  # then nothing but the checkpoint: torchrun and SLURM kill 30 s after their signal
-            return stop(state, log, position)
 
 
 # -----------------------------------------------------------------------------

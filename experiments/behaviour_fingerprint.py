@@ -7,7 +7,8 @@ repository's loader) and the metrics of every run, timings left out, of these ru
     resume   the same run resumed to 16 steps
     ddp      2 processes (torchrun, gloo), DDP
     fsdp     2 processes, FSDP2: sharded checkpoints (ckpt.dcp/, best.dcp/)
-    stop     40 steps stopped by SIGTERM and resumed with --init_from=auto (tensors only: where it stops varies)
+    stopped  12 steps stopped by SIGTERM at step 5 (exit status 75: a checkpoint at step 6)
+    stop     that run continued with --init_from=auto
     sample   sample.py from the single run
 
 Run it on two checkouts with the same --work folder (the settings a checkpoint keeps name out_dir) and compare:
@@ -23,7 +24,6 @@ import os
 import sys
 import json
 import shutil
-import signal
 import hashlib
 import argparse
 import tempfile
@@ -80,17 +80,29 @@ def run(repo, args, torchrun=False, expect=0):
     return proc.stdout
 
 
-def stopped_then_resumed(repo, args):
-    """A run stopped by SIGTERM once it has taken a few steps (exit 75), then continued with --init_from=auto."""
-    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=repo, stdout=subprocess.PIPE, text=True, env=ENV)
-    for line in proc.stdout:
-        if line.startswith("iter 3:"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    proc.stdout.read()
-    if proc.wait() != 75:
-        sys.exit(f"the stopped run exited {proc.returncode}, not 75")
-    run(repo, ["train.py", *args, "--init_from=auto"])
+# train.py with a SIGTERM sent to itself as step STOP_AT starts: the run stops with a checkpoint at step STOP_AT + 1
+STOP_AT = 5
+STOPPING_TRAIN = f"""
+import os, sys, signal
+sys.path.insert(0, os.getcwd())
+import train, common
+real_step = train.train_step
+def train_step(state, batches, step):
+    if step == {STOP_AT}:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_step(state, batches, step)
+train.train_step = train_step
+sys.argv = ["train.py", *sys.argv[1:]]
+common.run_main(train.main)
+"""
+
+
+def stopped(repo, work, args):
+    """The run stopped by SIGTERM (exit status 75), as the stopping_train.py above stops it."""
+    script = os.path.join(work, "stopping_train.py")
+    with open(script, "w") as f:
+        f.write(STOPPING_TRAIN)
+    run(repo, [script, *args], expect=75)
 
 
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -113,11 +125,11 @@ def main():
     run(repo, ["train.py", *small, f"--out_dir={out['resume']}", "--init_from=resume", "--max_iters=16"])
     for name, extra in (("ddp", []), ("fsdp", ["--fsdp=True"])):
         run(repo, ["train.py", *small, f"--out_dir={out[name]}", "--gradient_accumulation_steps=2", *extra], torchrun=True)
-    stopped_then_resumed(repo, [*small, f"--out_dir={out['stop']}", "--max_iters=40"])
+    stopped(repo, work, [*small, f"--out_dir={out['stop']}"])
+    result["stopped"] = dict(checkpoints=checkpoint_hashes(out["stop"]), metrics=metrics(out["stop"]))
+    run(repo, ["train.py", *small, f"--out_dir={out['stop']}", "--init_from=auto"])
     for name, folder in out.items():
-        result[name] = dict(checkpoints=checkpoint_hashes(folder))
-        if name != "stop":
-            result[name]["metrics"] = metrics(folder)
+        result[name] = dict(checkpoints=checkpoint_hashes(folder), metrics=metrics(folder))
     sample = run(repo, ["sample.py", f"--out_dir={out['single']}", "--num_samples=2", "--max_new_tokens=64", "--device=cpu",
                         "--stream=False"])
     result["sample"] = sample
