@@ -6,9 +6,9 @@ A training run's checkpoints: where they are, how they are written and read, and
     out_dir/ckpt.dcp/  out_dir/best.dcp/   the same as DCP shards, each process writing its own part (FSDP on a
                        filesystem every process shares; sharded_checkpoint.py)
 
-train.py asks open_checkpoints for the writer its run needs (FileCheckpoints or ShardedCheckpoints: one interface,
-save / wait / close), read_resume for the checkpoint a resume continues on any world size and the model it holds,
-and restore for the optimizer's state. Every file is read without running code from it (weights_only=True, JSON).
+train.py asks open_checkpoints for the writer its run needs (Checkpoints: save / wait / close, written by
+FileCheckpoints or ShardedCheckpoints), read_resume for the checkpoint a resume continues on any world size and
+the model it holds, and restore for the optimizer's state. Every file is read without running code from it (weights_only=True, JSON).
 sample.py, export_hf.py and eval_hellaswag.py read a run through load_trained (common.load_model).
 """
 
@@ -40,7 +40,8 @@ CHECKPOINT_CHOICES = ("auto", "best", "last")  # what a script that reads a trai
 # whose checkpoint.json is written last, when the shards are complete
 SHARDED_SUFFIX = ".dcp"
 HANDOVER_CHUNK = 64 * 2**20  # bytes per broadcast when a checkpoint goes to processes that lack it
-MODEL_SETTINGS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")  # train.py's settings of the model
+# train.py's settings of the model: GPTConfig's fields but vocab_size, which comes from the data
+MODEL_SETTINGS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")
 ARCHITECTURE_SETTINGS = tuple(key for key in MODEL_SETTINGS if key != "dropout")  # dropout may change on resume
 TRAINING_KEYS = ("optimizer", "iter_num", "best_val_loss", "config")  # what makes a checkpoint a run to continue
 RUN_KEYS = ("evaluated", "best_val_loss", "world_size")  # in ckpt.pt, not in best.pt

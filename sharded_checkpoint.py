@@ -132,7 +132,7 @@ def read_whole(path: str) -> dict:
     """
     The sharded checkpoint at `path` read whole by one process, without torchrun or a process group, as the
     dict a one-file checkpoint holds: 'model' (every weight, full size) and the values of checkpoint.json.
-    What sample.py, export_hf.py, eval_hellaswag.py and bench.py load through common.load_checkpoint.
+    What sample.py, export_hf.py, eval_hellaswag.py and bench.py load through checkpoint.load_checkpoint.
     """
     index = read_index(path)
     metadata = shard_metadata(path, index)
