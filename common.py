@@ -1,68 +1,22 @@
 """
-What the scripts share and that is not the model: user-facing errors and range checks, choosing the
-device and dtype, the GPU peak-FLOPs table, crash-safe checkpoints, the model loaders (a new model, a
-trained checkpoint, a GPT-2 name or a Hugging Face folder; load_model picks by --init_from), and the tokenizer.
+What the scripts share and that is not the model: user-facing errors and range checks (errors.py, taken from
+here), choosing the device and dtype, the GPU peak-FLOPs table, the model loaders (a new model, a trained
+checkpoint through checkpoint.py, a GPT-2 name or a Hugging Face folder; load_model picks by --init_from), and
+the tokenizer.
 """
 
 import os
-import sys
 import json
-import pickle
-import zipfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import BinaryIO, NamedTuple
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from model import GPT, GPTConfig, ConfigError, GPT2_NAMES, GPT2_VOCAB_SIZE, load_model_state
+from model import GPT, GPTConfig, ConfigError, GPT2_NAMES
 from hf_bridge import gpt_from_hf
-
-
-class UserError(Exception):
-    """A mistake the user can fix: reported as one line on stderr, no traceback, exit code 1."""
-
-
-def run_main(main: Callable[[], int | None]) -> None:
-    """Run a script's main(), turning a UserError into one clear line and exit status 1, and a status main()
-    returns (train.py's 75 for a run stopped on request) into the process's exit status."""
-    try:
-        status = main()
-    except UserError as e:
-        message = f"error: {e}"
-        if first_to_report(message):
-            print(message, file=sys.stderr, flush=True)
-        sys.exit(1)
-    if status:
-        sys.exit(status)
-
-
-def first_to_report(message: str) -> bool:
-    """
-    Under torchrun every process usually meets the same mistake (a setting, a file): the first process to
-    report a message prints it and the others stay quiet, so 8 GPUs print one line, not 8. torchrun's store,
-    served by its agent, counts the reports; a message only one rank meets is still printed. Run alone,
-    or with no agent store to ask, every message is printed.
-    """
-    if "RANK" not in os.environ or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return True
-    import hashlib
-    from datetime import timedelta
-    try:
-        store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                           is_master=False, timeout=timedelta(seconds=10))
-        return store.add(f"user_error/{hashlib.sha256(message.encode()).hexdigest()}", 1) == 1
-    except (RuntimeError, OSError, ValueError, KeyError):  # no store to ask: better twice than never
-        return True
-
-
-def range_check(values: dict) -> Callable[[bool, str, str], None]:
-    """need(ok, key, rule): unless ok, a UserError that names --key, its value in `values` and the rule."""
-    def need(ok: bool, key: str, rule: str) -> None:
-        if not ok:
-            raise UserError(f"--{key}={values[key]!r} is out of range: {rule}")
-    return need
+from errors import UserError, run_main, range_check  # noqa: F401  (every script takes them from here)
+from checkpoint import LoadedModel, load_trained, is_character_vocabulary
 
 
 # -----------------------------------------------------------------------------
@@ -173,144 +127,7 @@ def estimate_mfu(model: GPT, seq_len: int, tokens_per_second: float, device: str
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: a dict of tensors and plain values, readable with weights_only=True
-
-CHECKPOINT_NAME = "ckpt.pt"  # the state to continue from: written at every evaluation and on a stop
-BEST_NAME = "best.pt"  # the best-validated weights: written only when the validation loss improves
-CHECKPOINT_CHOICES = ("auto", "best", "last")  # what a script that reads a trained model may ask for
-
-
-def checkpoint_path(out_dir: str, which: str = "last") -> str:
-    """The one place that knows a run's files: 'last' is the state to continue from (out_dir/ckpt.pt),
-    'best' the best-validated weights (out_dir/best.pt), 'auto' the best when the run has written one,
-    else the last."""
-    if which not in CHECKPOINT_CHOICES:
-        raise UserError(f"unknown checkpoint {which!r}; use {', '.join(CHECKPOINT_CHOICES)} "
-                        f"(auto: {BEST_NAME} when present, else {CHECKPOINT_NAME})")
-    best = os.path.join(out_dir, BEST_NAME)
-    if which == "best" or (which == "auto" and current_checkpoint(best) is not None):
-        return best
-    return os.path.join(out_dir, CHECKPOINT_NAME)
-
-
-def save_checkpoint(checkpoint: dict, path: str) -> None:
-    """Write to a temporary file in the same folder, flush it to disk, then rename it over `path`:
-    a crash at any moment leaves either the old checkpoint or the new one, never a torn file. A full
-    disk or a folder that refuses the file is a UserError (what, where, how much was needed) with the
-    temporary file removed and the old checkpoint untouched."""
-    tmp_path = f"{path}.tmp"
-    try:
-        with open(tmp_path, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
-    except (OSError, RuntimeError) as e:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        os_error = e  # torch.save reports a failed write as a RuntimeError raised while handling the OSError
-        while os_error is not None and not isinstance(os_error, OSError):
-            os_error = os_error.__context__
-        if os_error is None:
-            raise
-        raise unwritable(path, os_error, tensor_bytes(checkpoint)) from None
-
-
-def tensor_bytes(value) -> int:
-    """The bytes of the tensors in a nest of dicts, lists and tuples: what a checkpoint of them needs on disk."""
-    if torch.is_tensor(value):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(tensor_bytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(tensor_bytes(v) for v in value)
-    return 0
-
-
-def unwritable(path: str, error: OSError, needed: int) -> UserError:
-    """A full disk or a refused folder while writing `path`, said in one line. Any other OSError is a bug: re-raised."""
-    import errno
-    import shutil
-    if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG):
-        raise error
-    folder = os.path.dirname(os.path.abspath(path))
-    free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
-    return UserError(f"could not write {path}: {error.strerror} (it needs about {needed / 2**20:,.1f} MiB, "
-                     f"{free / 2**20:,.1f} MiB free there); free some space or choose another --out_dir, "
-                     f"then resume with --init_from=resume")
-
-
-# FSDP's checkpoints are folders of shards (sharded_checkpoint.py), the twins of the one-file paths:
-# out_dir/ckpt.pt -> out_dir/ckpt.dcp/, whose checkpoint.json is written last, when the shards are complete
-SHARDED_SUFFIX = ".dcp"
-SHARDED_INDEX_NAME = "checkpoint.json"
-
-
-def sharded_path(path: str) -> str:
-    """The sharded twin of a one-file checkpoint path: out_dir/ckpt.pt -> out_dir/ckpt.dcp."""
-    return os.path.splitext(path)[0] + SHARDED_SUFFIX
-
-
-def current_checkpoint(path: str) -> str | None:
-    """
-    The checkpoint to read for the one-file path `path` (out_dir/ckpt.pt): that file or its sharded twin
-    (out_dir/ckpt.dcp), whichever exists; when both do (a run that changed between FSDP and one process or DDP
-    and stopped before removing the other), the one written last. None when there is neither.
-    """
-    twin = sharded_path(path)
-    written = {p: os.stat(marker).st_mtime_ns for p, marker in ((path, path), (twin, os.path.join(twin, SHARDED_INDEX_NAME)))
-               if os.path.isfile(marker)}
-    return max(written, key=written.get) if written else None
-
-
-def remove_sharded_twin(path: str) -> None:
-    """Once the one-file checkpoint `path` is written, its sharded twin (an FSDP run's older state) goes."""
-    import shutil
-    if os.path.isdir(sharded_path(path)):
-        shutil.rmtree(sharded_path(path))
-
-
-def load_checkpoint(source: str | BinaryIO, map_location: str = "cpu", name: str | None = None) -> dict:
-    """Load a checkpoint (a path, or a file-like object named `name` in messages) without running any code
-    from it (weights_only=True); clear errors for the rest. A path whose checkpoint is sharded (its twin
-    folder, or the folder itself) is read whole on this one process, no process group needed."""
-    name = name or source
-    if isinstance(source, str):
-        source = current_checkpoint(source) or source
-        if os.path.isdir(source):
-            from sharded_checkpoint import read_whole  # torch.distributed.checkpoint takes a while to import
-            return read_whole(source)
-    if isinstance(source, str) and not os.path.exists(source):
-        raise UserError(f"no checkpoint at {source}; train one first, or point --out_dir at the folder that has {os.path.basename(source)}")
-    try:
-        checkpoint = torch.load(source, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"refused to load {name}: it holds objects other than tensors and plain values, "
-                        f"and loading it could run code ({first[:200]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise UserError(f"checkpoint {name} is truncated or corrupt ({type(e).__name__}); "
-                        f"restore it from a backup or train again") from None
-    if not isinstance(checkpoint, dict) or not {"model", "model_args"} <= checkpoint.keys():
-        raise UserError(f"{name} is not a checkpoint written by train.py (no model weights and model_args in it)")
-    return checkpoint
-
-
-# -----------------------------------------------------------------------------
 # the one road from a source to a ready model
-
-@dataclass
-class LoadedModel:
-    model: GPT
-    checkpoint: dict | None = None  # the whole train.py checkpoint (optimizer, RNG, ...) for 'resume'
-    chars: list | None = None  # the character vocabulary of a character-level model; None means GPT-2 BPE
-    path: str | None = None  # the checkpoint file it came from; None for a GPT-2 name or a Hugging Face folder
-
 
 def is_pretrained_source(init_from: str) -> bool:
     """A GPT-2 name ('gpt2', ...) or a local folder in the Hugging Face format."""
@@ -346,46 +163,12 @@ def hf_folder_chars(folder: str) -> list[str] | None:
     return chars
 
 
-def is_character_vocabulary(vocab_size: int) -> bool:
-    """A vocabulary smaller than GPT-2's BPE is a character set: its tokens decode only through its character list."""
-    return vocab_size < GPT2_VOCAB_SIZE
-
-
 def new_model(model_args: dict) -> GPT:
     """GPT(GPTConfig(**model_args)), freshly initialised; settings that make no model are a UserError."""
     try:
         return GPT(GPTConfig(**model_args))
     except ConfigError as e:
         raise UserError(str(e)) from None
-
-
-def load_trained(out_dir: str, checkpoint: dict | None = None, need_decoding: bool = True,
-                 which: str = "auto") -> LoadedModel:
-    """The model of a checkpoint train.py wrote in out_dir: `which` as checkpoint_path takes it (by default
-    best.pt when the run has one, else ckpt.pt), or `checkpoint`, already read from out_dir/ckpt.pt.
-    A character-level model without its character list is a UserError unless need_decoding=False."""
-    path = checkpoint_path(out_dir, "last" if checkpoint is not None else which)
-    path = current_checkpoint(path) or path  # the file, or its sharded twin: the one read, named in messages
-    if checkpoint is None:
-        checkpoint = load_checkpoint(path)
-    try:
-        model = GPT(GPTConfig.from_dict(checkpoint["model_args"]))
-        load_model_state(model, checkpoint["model"])
-    except ConfigError as e:
-        raise UserError(f"{path}: {e}") from None
-    chars = checkpoint.get("chars")
-    if need_decoding and chars is None and is_character_vocabulary(model.config.vocab_size):
-        raise UserError(f"{path} has a {model.config.vocab_size}-token vocabulary but no character list, "
-                        f"so its tokens cannot be decoded")
-    return LoadedModel(model, checkpoint, chars, path)
-
-
-def describe_trained(loaded: "LoadedModel") -> str:
-    """Which file a script read, at which step and validation loss: said by every script that reads a run."""
-    checkpoint = loaded.checkpoint
-    val_loss = checkpoint.get("val_loss", checkpoint.get("best_val_loss"))
-    loss_text = f", val loss {val_loss:.4f}" if isinstance(val_loss, float) and val_loss != float("inf") else ""
-    return f"read {loaded.path} (step {checkpoint.get('iter_num', '?')}{loss_text})"
 
 
 def load_pretrained(source: str, overrides: dict | None = None, need_decoding: bool = True) -> LoadedModel:

@@ -31,7 +31,8 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from configurator import read_settings
-from common import UserError, run_main, pick_device, pick_dtype, autocast_context, load_model, describe_trained, get_tokenizer
+from common import UserError, run_main, pick_device, pick_dtype, autocast_context, load_model, get_tokenizer
+from checkpoint import describe_trained
 
 # -----------------------------------------------------------------------------
 init_from = "resume"  # 'resume' (from out_dir) | 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' | a local HF directory

@@ -17,7 +17,8 @@ import torch
 from model import ConfigError, GPT2_VOCAB_SIZE
 from hf_bridge import HF_CLASS_NAMES, build_hf_model, common_window, target_architecture
 from configurator import read_settings
-from common import UserError, run_main, load_trained, gpt2_encoding, checkpoint_path, describe_trained
+from common import UserError, run_main, gpt2_encoding
+from checkpoint import load_trained, checkpoint_path, describe_trained
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the train.py run whose model is exported
@@ -147,6 +148,17 @@ def check_destination(folder, overwrite):
             raise UserError(f"hf_dir {folder!r} already holds an export; pass --overwrite=True to replace it")
 
 
+def write_top_level_rope_theta(folder: str, rope_theta: float) -> None:
+    """transformers 5 writes rope_theta inside rope_parameters; earlier versions and other readers (serving
+    engines) look for it at the top level of config.json and would silently use 10000 instead."""
+    path = os.path.join(folder, "config.json")
+    with open(path, encoding="utf-8") as f:
+        hf_json = json.load(f)
+    hf_json["rope_theta"] = float(rope_theta)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(hf_json, f, indent=2, sort_keys=True)
+
+
 def current_umask():
     mask = os.umask(0)
     os.umask(mask)
@@ -187,14 +199,7 @@ def export(out_dir: str, hf_dir: str, dtype: str = "float32", overwrite: bool = 
         arch, hf_model = build_hf_model(model, n_tokens, eos_id, torch_dtype)
         hf_model.save_pretrained(staging)
         if arch == "starcoder2":
-            # transformers 5 writes rope_theta inside rope_parameters; earlier versions and other readers
-            # (serving engines) look for it at the top level and would silently use 10000 instead
-            path = os.path.join(staging, "config.json")
-            with open(path, encoding="utf-8") as f:
-                hf_json = json.load(f)
-            hf_json["rope_theta"] = float(model.config.rope_theta)
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump(hf_json, f, indent=2, sort_keys=True)
+            write_top_level_rope_theta(staging, model.config.rope_theta)
         if chars is not None:
             write_char_tokenizer(staging, chars, model.config.block_size)
         else:

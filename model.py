@@ -23,7 +23,7 @@ References:
 
 import math
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, fields, asdict
 
 import torch
@@ -314,77 +314,6 @@ class GPT(nn.Module):
         """idx (B, T) followed by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
         return generation.generate(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, beyond_block_size,
                                    generator)
-
-
-def new_sharded_model(config: GPTConfig, shard: Callable[[GPT], None], device: str | torch.device,
-                      initialise: bool = True) -> GPT:
-    """
-    GPT(config) as FSDP holds it, built without any process holding the whole model: on the meta device (no
-    storage), then shard(model) (fully_shard's calls), then storage on `device` for this process's shards only,
-    then init_sharded_weights. Under the same torch.manual_seed the weights are GPT(config)'s.
-    initialise=False leaves the storage as it comes, for a checkpoint to fill (a resume).
-    """
-    with torch.device("meta"):
-        model = GPT(config)
-    shard(model)
-    return materialise_sharded(model, device, initialise)
-
-
-def materialise_sharded(model: GPT, device: str | torch.device, initialise: bool = True) -> GPT:
-    """The second half of new_sharded_model, for a GPT built on the meta device and sharded already: storage on
-    `device` for this process's shards, then (initialise) GPT()'s weights from the global RNG as it is now."""
-    model.to_empty(device=device)
-    if model.lm_head.weight is not model.transformer.wte.weight:  # to_empty replaces an unsharded tied weight twice
-        model.lm_head.weight = model.transformer.wte.weight
-    if initialise:
-        init_sharded_weights(model)
-    return model
-
-
-def is_on_meta(model: nn.Module) -> bool:
-    """Built under torch.device('meta'): shapes without storage, waiting for materialise_sharded."""
-    return any(p.is_meta for p in model.parameters())
-
-
-@torch.no_grad()
-def init_sharded_weights(model: GPT) -> None:
-    """
-    Give a GPT built on the meta device (then sharded by FSDP's fully_shard and given storage by to_empty) the
-    weights GPT(model.config) would have drawn from the global RNG in its present state, without any process
-    holding the whole model: each tensor is drawn whole, one at a time, and each parameter keeps its own part
-    (its shard when it is a DTensor). The draws are GPT()'s: first what constructing each Linear, Embedding and
-    LayerNorm draws (replayed by constructing a like module), then _init_draws. So under the same
-    torch.manual_seed the result equals GPT(config) exactly, and FSDP trains what one process would.
-    """
-    written = set()
-
-    def keep(param: nn.Parameter, whole: torch.Tensor) -> None:
-        if hasattr(param, "device_mesh"):  # a DTensor: this process's shard of the whole tensor
-            from torch.distributed.tensor import distribute_tensor
-            part = distribute_tensor(whole.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
-            param.to_local().copy_(part.to_local())
-        else:
-            param.copy_(whole)
-        written.add(id(param))
-
-    for module in model.modules():  # construction order: each layer initialises itself when made
-        if isinstance(module, nn.Linear):
-            like = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-        elif isinstance(module, nn.Embedding):
-            like = nn.Embedding(module.num_embeddings, module.embedding_dim)
-        elif isinstance(module, nn.LayerNorm):
-            like = nn.LayerNorm(module.normalized_shape, bias=module.bias is not None)
-        else:
-            continue
-        for name, param in module.named_parameters(recurse=False):
-            keep(param, getattr(like, name))
-        del like
-    for param, std in model._init_draws():
-        whole = torch.empty(param.shape)
-        keep(param, whole.normal_(mean=0.0, std=std) if std else whole.zero_())
-    unwritten = [name for name, p in model.named_parameters() if id(p) not in written]
-    if unwritten or any(True for _ in model.buffers()):
-        raise RuntimeError(f"init_sharded_weights does not know how GPT() initialises {unwritten or 'its buffers'}")
 
 
 def load_model_state(model, state_dict):

@@ -23,6 +23,7 @@ import pickle
 import shutil
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -30,7 +31,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict, StateDictOptions
 
-from common import UserError, tensor_bytes, unwritable, SHARDED_INDEX_NAME as INDEX_NAME
+from errors import UserError
+from distributed import on_rank_0_for_all
+from durable import write_atomically, tensor_bytes, unwritable, SHARDED_INDEX_NAME as INDEX_NAME
 
 STEP_PREFIX = "step-"
 SHARDED = StateDictOptions(full_state_dict=False)  # each process's own shards, never a gathered copy
@@ -129,7 +132,7 @@ def read_whole(path: str) -> dict:
     """
     The sharded checkpoint at `path` read whole by one process, without torchrun or a process group, as the
     dict a one-file checkpoint holds: 'model' (every weight, full size) and the values of checkpoint.json.
-    What sample.py, export_hf.py, eval_hellaswag.py and bench.py load through common.load_checkpoint.
+    What sample.py, export_hf.py, eval_hellaswag.py and bench.py load through checkpoint.load_checkpoint.
     """
     index = read_index(path)
     metadata = shard_metadata(path, index)
@@ -231,7 +234,7 @@ class ShardedCheckpointer:
 
     def _unwritten(self, path: str, error: BaseException, needed: int) -> BaseException:
         """A save that failed: its step folder removed (rank 0), and a full disk or a refused folder turned into
-        the one line common.unwritable says; anything else is returned as it is, a bug to see whole."""
+        the one line durable.unwritable says; anything else is returned as it is, a bug to see whole."""
         if self.rank == 0:
             self._remove_unused_steps(path, keep=None)
         causes = [f[0] for f in error.failures.values()] if isinstance(error, dcp.api.CheckpointException) else [error]
@@ -271,28 +274,11 @@ class ShardedCheckpointer:
         """Rank 0, once every process's shards are written (DCP's save returns after its metadata, which it
         writes last): point checkpoint.json at them, atomically and durably, then drop the step it replaced.
         A synchronous save shares rank 0's failure with every process, so none waits for it at the next step."""
-        failure = None
-        if self.rank == 0:
-            try:
-                self._switch(path, step_name, values, replaces)
-            except OSError as e:
-                failure = e
-        if self.distributed and not self.asynchronous:
-            box = [failure]
-            dist.broadcast_object_list(box, src=0)
-            failure = box[0]
-        if failure is not None:
-            raise failure
+        on_rank_0_for_all(partial(self._switch, path, step_name, values, replaces), catch=OSError, share=not self.asynchronous)
 
     def _switch(self, path: str, step_name: str, values: dict, replaces: str | None) -> None:
-        index_path = os.path.join(path, INDEX_NAME)
-        tmp_path = index_path + ".tmp"
-        with open(tmp_path, "w", encoding="utf-8") as f:
-            json.dump(dict(values, shards=step_name), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, index_path)
-        fsync_folder(path)
+        index = json.dumps(dict(values, shards=step_name)).encode()
+        write_atomically(os.path.join(path, INDEX_NAME), lambda f: f.write(index))
         self._remove_unused_steps(path, keep=step_name)
         if replaces is not None and os.path.isfile(replaces):
             os.remove(replaces)
@@ -320,11 +306,3 @@ def alone() -> bool:
     """No process group: DCP is told to save or load in this one process."""
     return not (dist.is_available() and dist.is_initialized())
 
-
-def fsync_folder(path: str) -> None:
-    """Make a rename inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -58,7 +58,8 @@ def folder_bytes(path):
 def worker(args):
     import torch
     import torch.distributed as dist
-    from model import GPT, GPTConfig, new_sharded_model
+    from model import GPT, GPTConfig
+    from distributed import new_sharded_model
     from sharded_checkpoint import ShardedCheckpointer, load_training_state
 
     baseline = peak_rss()

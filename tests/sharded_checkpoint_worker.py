@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict, StateDictOptions
 
-from model import GPT, GPTConfig, new_sharded_model
+from model import GPT, GPTConfig
+from distributed import new_sharded_model
 from sharded_checkpoint import ShardedCheckpointer, load_training_state
 
 CONFIG = GPTConfig(block_size=16, vocab_size=67, n_layer=2, n_head=2, n_embd=16, dropout=0.0)  # 67: uneven shards

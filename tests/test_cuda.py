@@ -21,7 +21,7 @@ import torch
 import train
 import attention
 from model import GPT, GPTConfig, Block
-from common import load_checkpoint
+from checkpoint import load_checkpoint
 from optimizers import muon_available
 from conftest import TINY_TRAIN_ARGS, read_metrics, run_script, tiny_model
 from test_attention import naive_attention, forward_backward
@@ -67,7 +67,7 @@ def train_run(stream, device, dtype, steps=5, compile=False, init_scale=2.0**16,
                              train.autocast_context(device, dtype), device)
     losses, norms, skipped = [], [], []
     for step in range(steps):
-        loss, norm, _, skip = train.train_step(state, stream, step)
+        loss, norm, skip = train.train_step(state, stream, step)
         losses.append(loss), norms.append(norm), skipped.append(skip)
     return losses, norms, skipped, model, scaler
 

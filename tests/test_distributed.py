@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from conftest import REPO, TINY_TRAIN_ARGS, read_metrics, run_script, script_env
-from common import load_checkpoint
+from checkpoint import load_checkpoint
 from sharded_checkpoint import read_index
 
 pytestmark = pytest.mark.slow  # every test launches torchrun (~10 s of start-up per launch on 2 cores)

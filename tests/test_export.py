@@ -26,7 +26,8 @@ from safetensors import safe_open  # noqa: E402
 import export_hf  # noqa: E402
 from model import ConfigError  # noqa: E402
 from hf_bridge import gpt_from_hf  # noqa: E402
-from common import UserError, save_checkpoint, load_model, get_tokenizer  # noqa: E402
+from common import UserError, load_model, get_tokenizer  # noqa: E402
+from checkpoint import save_checkpoint  # noqa: E402
 
 SEPARATOR = "---------------"
 BLOCK = 32  # tiny_model's block_size; the test sequences fill it, longer than every window below
@@ -56,7 +57,7 @@ def chars():
 
 
 def write_run(out_dir, model, chars, best_val_loss=1.2345, iter_num=7):
-    """A checkpoint as train.py writes it (common.save_checkpoint, the same keys)."""
+    """A checkpoint as train.py writes it (checkpoint.save_checkpoint, the same keys)."""
     os.makedirs(out_dir, exist_ok=True)
     save_checkpoint(dict(model=model.state_dict(), model_args=model.config.to_dict(), iter_num=iter_num,
                          best_val_loss=best_val_loss, chars=chars,

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import train
+from configurator import read_settings
 from common import UserError
 from conftest import TINY_TRAIN_ARGS, assert_user_error, read_metrics, run_script, tiny_model
 from optimizers import Muon, OptimizerGroup, muon_available
@@ -80,7 +81,7 @@ def reference_newton_schulz(G, steps=5):
 
 
 def muon_settings(**overrides):
-    defaults = {k: getattr(train, k) for k in train.apply_overrides(dict(vars(train)), [])}
+    defaults = vars(read_settings(dict(vars(train)), []))
     return SimpleNamespace(**{**defaults, "optimizer": "muon", "fsdp": False, **overrides})
 
 

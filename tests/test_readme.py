@@ -210,7 +210,7 @@ def tiny_train_args(scratch, args, processes=1):
     (DDP, FSDP, eval_only). A new model from scratch gets tiny shapes; a resume takes its checkpoint's (a resume
     that asked for other shapes, a config file's included, would be refused), and a pretrained model keeps its own."""
     s = train_settings(scratch, args)
-    from common import current_checkpoint
+    from checkpoint import current_checkpoint
     checkpoint = current_checkpoint(os.path.join(scratch.repo, s["out_dir"], "ckpt.pt"))  # ckpt.pt, or FSDP's ckpt.dcp/
     has_checkpoint = checkpoint is not None
     resumes = s["init_from"] == "resume" or (s["init_from"] == "auto" and has_checkpoint)
@@ -241,7 +241,7 @@ def checkpoint_shapes(path):
     """Overrides that restate the architecture of the checkpoint at `path` (a file, or a sharded folder whose
     checkpoint.json holds everything but the tensors), over those of the command's config."""
     import torch
-    from common import SHARDED_INDEX_NAME
+    from durable import SHARDED_INDEX_NAME
     from train import ARCHITECTURE_SETTINGS
     if os.path.isdir(path):
         with open(os.path.join(path, SHARDED_INDEX_NAME)) as f:

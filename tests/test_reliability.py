@@ -125,13 +125,13 @@ def test_sigkill_at_random_moments_then_resume(data_root, reference, tmp_path):
     assert_same_weights(weights(out), weights(reference))
 
 
-# Writes checkpoints 1, 2, 3 with common.save_checkpoint and stops dead inside the write of `stall_at`, at a
+# Writes checkpoints 1, 2, 3 with checkpoint.save_checkpoint and stops dead inside the write of `stall_at`, at a
 # chosen point: after part of torch.save's bytes ("bytes"), or with the file written and synced but not yet
 # renamed into place ("rename"). It says so on stdout, and waits there to be killed.
 CHILD_WRITER = r"""
 import os, sys, time, torch
 sys.path.insert(0, {repo!r})
-import common
+import checkpoint, durable
 version = 0
 
 def stall(where):
@@ -159,14 +159,14 @@ real_open, real_replace = open, os.replace
 def opening(path, mode="r", *a, **k):
     f = real_open(path, mode, *a, **k)
     return StallingFile(f) if "w" in mode else f
-common.open = opening
+durable.open = opening
 def replace(src, dst):
     if version == {stall_at} and {where!r} == "rename":
         stall("rename")
     real_replace(src, dst)
-common.os.replace = replace
+durable.os.replace = replace
 for version in range(1, {stall_at} + 1):
-    common.save_checkpoint(dict(version=version, data=torch.full((2_000_000,), float(version))), {path!r})
+    checkpoint.save_checkpoint(dict(version=version, data=torch.full((2_000_000,), float(version))), {path!r})
     print(version, flush=True)
 """
 

@@ -1,5 +1,5 @@
 """
-Sharded checkpoints (sharded_checkpoint.py) and FSDP's meta-device initialisation (model.new_sharded_model), each
+Sharded checkpoints (sharded_checkpoint.py) and FSDP's meta-device initialisation (distributed.new_sharded_model), each
 against an independent reference: GPT(config) for the initial weights, the one-file checkpoint's gathered state
 for what the shards hold, the state at the save call for an asynchronous save, the previous checkpoint for a
 save killed half way, and the same scripts on the one-file format for every reader.
@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from conftest import REPO, run_script, script_env
-from common import UserError, load_checkpoint, save_checkpoint, sharded_path, remove_sharded_twin
-from model import GPT, GPTConfig, new_sharded_model
+from common import UserError
+from checkpoint import load_checkpoint, save_checkpoint, sharded_path, remove_sharded_twin
+from model import GPT, GPTConfig
+from distributed import new_sharded_model
 from sharded_checkpoint import ShardedCheckpointer, load_training_state, read_index
 from test_lifecycle import small_disk, fill  # noqa: F401  (a fixture)
 

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import train
+import checkpoint
+from configurator import read_settings
 import model as model_module
 from model import GPT, GPTConfig
 from common import UserError
@@ -105,8 +107,8 @@ def step(model, optimizer, scaler, stream, index=0, **overrides):
 def test_grad_scaler_step_unscales_before_clipping_and_updates_like_an_unscaled_step(stream):
     plain = make_run(stream, scaler_enabled=False)
     scaled = make_run(stream, scaler_enabled=True, init_scale=2.0**12)
-    loss_a, norm_a, _, skipped_a = step(*plain, stream)
-    loss_b, norm_b, _, skipped_b = step(*scaled, stream)
+    loss_a, norm_a, skipped_a = step(*plain, stream)
+    loss_b, norm_b, skipped_b = step(*scaled, stream)
     assert not skipped_a and not skipped_b
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
     # the norm is of the true gradients: a scaled norm would be 4096 times larger and clip far harder
@@ -119,7 +121,7 @@ def test_grad_scaler_step_unscales_before_clipping_and_updates_like_an_unscaled_
 def test_grad_scaler_skips_the_step_when_gradients_overflow(stream):
     model, optimizer, scaler = make_run(stream, scaler_enabled=True, init_scale=3e38)  # loss * scale overflows
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    _, grad_norm, _, skipped = step(model, optimizer, scaler, stream)
+    _, grad_norm, skipped = step(model, optimizer, scaler, stream)
     assert skipped and not math.isfinite(grad_norm)
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), f"{name} changed on an overflowing step"
@@ -136,13 +138,13 @@ def test_grad_scaler_state_goes_into_the_checkpoint_and_back(stream, tmp_path):
     step(model, optimizer, scaler, stream)
     assert scaler.get_scale() == 2.0**6
     state = SimpleNamespace(settings=SimpleNamespace(out_dir=str(tmp_path)), model=model, optimizer=optimizer, scaler=scaler,
-                            checkpointer=None,
+                            checkpoints=checkpoint.FileCheckpoints(str(tmp_path)),
                             processes=train.Processes(), chars=None)
     train.save_run(state, train.RunPosition(step=1, best_val_loss=1.0), evaluated=True)
-    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     fresh_model, fresh_optimizer, fresh_scaler = make_run(stream, scaler_enabled=True, init_scale=1.0)
-    fresh_model.load_state_dict(checkpoint["model"])
-    train.restore_training_state(checkpoint, fresh_model, fresh_optimizer, fresh_scaler)
+    fresh_model.load_state_dict(saved["model"])
+    checkpoint.restore_training_state(saved, fresh_model, fresh_optimizer, fresh_scaler)
     assert fresh_scaler.get_scale() == 2.0**6
     assert fresh_scaler.state_dict() == scaler.state_dict()
 
@@ -185,7 +187,7 @@ def test_grad_checkpoint_gives_the_same_step(stream):
 
 
 def test_settings_out_of_range_are_refused_before_any_work():
-    good = {k: getattr(train, k) for k in train.apply_overrides(dict(vars(train)), [])}
+    good = vars(read_settings(dict(vars(train)), []))
     train.validate_settings(SimpleNamespace(**good))
     for key, bad in [("learning_rate", -1.0), ("grad_clip", -1.0), ("max_iters", -5), ("beta2", 1.0),
                      ("min_lr", 1.0), ("weight_decay", -0.1), ("warmup_iters", -1), ("attn_impl", "fast"),
@@ -199,16 +201,15 @@ def test_settings_out_of_range_are_refused_before_any_work():
 def test_schedule_rules_apply_only_with_decay(tmp_path):
     """min_lr, warmup_iters and lr_decay_iters shape the decay only: with decay_lr=False a min_lr above
     learning_rate (config/finetune_shakespeare.py keeps the default 6e-5 beside 3e-5) is no mistake."""
-    good = {k: getattr(train, k) for k in train.apply_overrides(dict(vars(train)), [])}
+    good = vars(read_settings(dict(vars(train)), []))
     for key, value in [("min_lr", 1.0), ("warmup_iters", -1), ("lr_decay_iters", 0)]:
         with pytest.raises(UserError, match=key):
             train.validate_settings(SimpleNamespace(**dict(good, **{key: value})))
         train.validate_settings(SimpleNamespace(**dict(good, decay_lr=False, **{key: value})))
-    finetune = train.apply_overrides(dict(vars(train)), [os.path.join(os.path.dirname(train.__file__), "config",
-                                                                       "finetune_shakespeare.py"),
-                                                         f"--out_dir={tmp_path / 'out'}"])
-    assert finetune["min_lr"] > finetune["learning_rate"] and not finetune["decay_lr"]
-    train.validate_settings(SimpleNamespace(**finetune))
+    finetune = read_settings(dict(vars(train)), [os.path.join(os.path.dirname(train.__file__), "config",
+                                                              "finetune_shakespeare.py"), f"--out_dir={tmp_path / 'out'}"])
+    assert finetune.min_lr > finetune.learning_rate and not finetune.decay_lr
+    train.validate_settings(finetune)
 
 
 def test_a_run_without_decay_trains_at_learning_rate_whatever_min_lr(data_root, tmp_path):
@@ -230,6 +231,6 @@ def test_a_non_finite_loss_stops_a_run_but_is_a_skipped_step_under_the_grad_scal
             step(model, optimizer, scaler, stream)
         return
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    loss, _, _, skipped = step(model, optimizer, scaler, stream)
+    loss, _, skipped = step(model, optimizer, scaler, stream)
     assert skipped and not math.isfinite(loss)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
