@@ -218,7 +218,8 @@ class ShardedCheckpointer:
             except (dcp.api.CheckpointException, OSError) as e:
                 raise self._unwritten(path, e, needed) from None
             return
-        written = dcp.async_save(state, storage_writer=writer, process_group=self.group, no_dist=alone())
+        single = {"no_dist": True} if alone() else {}  # async_save takes no_dist only from torch 2.9 on
+        written = dcp.async_save(state, storage_writer=writer, process_group=self.group, **single)
         upload = getattr(written, "upload_completion", written)  # a Future, or an AsyncSaveResponse's upload
         self.pending = self.committer.submit(self._commit_when_written, upload, path, step_name, values, replaces)
         self.pending_target = (path, needed)
