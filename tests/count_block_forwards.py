@@ -8,8 +8,7 @@ import os
 import sys
 import runpy
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from helpers import REPO  # noqa: E402  (it puts the repository on sys.path)
 import model  # noqa: E402  (patched before train.py imports it)
 
 calls = 0

@@ -26,7 +26,6 @@ def float64_newton_schulz(grad, coefficients, steps, eps):
 
 
 torch_muon._zeropower_via_newtonschulz = float64_newton_schulz
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from helpers import REPO  # noqa: E402  (it puts the repository on sys.path)
 sys.argv = [os.path.join(REPO, "train.py"), *sys.argv[1:]]
 runpy.run_path(sys.argv[0], run_name="__main__")

@@ -1,7 +1,8 @@
 """
 RoPE, grouped-query attention and sliding windows against references written here: a naive
 attention with an explicit causal+window mask and explicit key/value head repetition, and RoPE from
-transformers' Llama code. Nothing in this file's references comes from model.py.
+transformers' Llama code. Nothing in this file's references comes from model.py. Also: the one mask rule
+against an explicit double loop, CPU bf16 attention computed in fp32, and the flex kernel's refusal of dropout.
 """
 
 import itertools
@@ -12,7 +13,9 @@ import torch
 
 import attention
 from model import GPT, GPTConfig
-from conftest import tiny_model
+from attention import causal_window_mask
+from model import ConfigError
+from helpers import KV, ROPE, forward_backward, logits_of, naive_attention, tiny_model
 
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb, rotate_half
@@ -20,21 +23,6 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 # -----------------------------------------------------------------------------
 # references
-
-def naive_attention(q, k, v, window=None):
-    """q (B, H, T, D), k/v (B, Hkv, T, D): explicit scores, explicit mask, explicit head repetition."""
-    B, H, T, D = q.shape
-    group = H // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)  # query head h reads kv head h // group
-    v = v.repeat_interleave(group, dim=1)
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(D)
-    i = torch.arange(T, device=q.device)[:, None]
-    j = torch.arange(T, device=q.device)[None, :]
-    allowed = j <= i
-    if window is not None:
-        allowed = allowed & (i - j < window)  # query i sees keys i-window+1 .. i
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    return scores.softmax(dim=-1) @ v
 
 
 def reference_cos_sin(positions, head_dim, theta):
@@ -98,14 +86,7 @@ def reference_forward(model, idx, rope, n_head, n_kv_head, windows, theta=10000.
     return x @ sd["transformer.wte.weight"].t()
 
 
-def logits_of(model, idx):
-    with torch.no_grad():
-        return model(idx)[0]
-
-
-ROPE = [False, True]
-KV = [None, 2, 1]
-WINDOWS = [None, 3, (2, None)]
+ATTENTION_WINDOWS = [None, 3, (2, None)]
 
 
 def per_layer(window, n_layer):
@@ -116,7 +97,7 @@ def per_layer(window, n_layer):
 # the whole model against the reference forward
 
 @pytest.mark.parametrize("impl", ["auto", "dense", "blocked"])
-@pytest.mark.parametrize("rope, n_kv_head, window", list(itertools.product(ROPE, KV, WINDOWS)))
+@pytest.mark.parametrize("rope, n_kv_head, window", list(itertools.product(ROPE, KV, ATTENTION_WINDOWS)))
 def test_model_matches_reference_forward(rope, n_kv_head, window, impl):
     model = tiny_model(rope=rope, n_kv_head=n_kv_head, window=window)
     model.set_attention_impl(impl)
@@ -188,12 +169,6 @@ def qkv(H, Hkv, T, D=8, B=2, seed=0):
     grad = torch.randn(B, H, T, D, generator=g)
     return q, k, v, grad
 
-
-def forward_backward(fn, q, k, v, grad):
-    q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
-    out = fn(q, k, v)
-    (out * grad).sum().backward()
-    return out.detach(), q.grad, k.grad, v.grad
 
 
 def assert_kernel_matches(fn, H, Hkv, T, window, backward=True, device="cpu"):
@@ -333,10 +308,10 @@ def test_rope_scores_depend_only_on_relative_position():
 # -----------------------------------------------------------------------------
 # black-box properties of the whole model
 
-VARIANTS = [dict(rope=r, n_kv_head=kv, window=w) for r, kv, w in itertools.product(ROPE, KV, WINDOWS)]
+ARCHITECTURES = [dict(rope=r, n_kv_head=kv, window=w) for r, kv, w in itertools.product(ROPE, KV, ATTENTION_WINDOWS)]
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+@pytest.mark.parametrize("variant", ARCHITECTURES, ids=str)
 def test_causality(variant):
     model = tiny_model(**variant)
     idx = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(0))
@@ -430,3 +405,48 @@ def test_n_kv_head_equal_to_n_head_is_gpt2_mha(n_kv_head):
     torch.testing.assert_close(logits_of(model, idx), ref, atol=1e-5, rtol=0)
     # and a GQA model's c_attn is narrower: n_head query heads, then n_kv_head key and value heads
     assert tiny_model(n_kv_head=2).transformer.h[0].attn.c_attn.weight.shape == ((4 + 2 * 2) * 8, 32)
+
+
+# -----------------------------------------------------------------------------
+# the one mask rule, CPU bf16, and the flex kernel with dropout
+
+def loop_mask(query_positions, key_positions, window):
+    """i - W < j <= i, written out element by element."""
+    return torch.tensor([[j <= i and (window is None or j > i - window) for j in key_positions] for i in query_positions])
+
+
+@pytest.mark.parametrize("window", [None, 1, 3, 100])
+def test_causal_window_mask_is_the_rule(window):
+    keys = torch.arange(12)
+    assert torch.equal(causal_window_mask(keys[:, None], keys[None, :], window), loop_mask(range(12), range(12), window))
+    # the last 4 queries of a sequence whose 12 keys are cached (a chunked continuation)
+    assert torch.equal(causal_window_mask(keys[8:, None], keys[None, :], window), loop_mask(range(8, 12), range(12), window))
+
+
+
+def test_cpu_attention_under_bf16_runs_in_fp32():
+    """Under CPU autocast at a short length, attention of bf16 queries, keys and values is computed in fp32
+    (exact for bf16 inputs) and rounded once: the fp32 result of the same inputs, not bf16 SDPA's."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 64, 32, generator=g).to(torch.bfloat16) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention.causal_attention(q, k, v, window=16)
+    assert out.dtype == torch.bfloat16
+    expected = attention.causal_attention(q.float(), k.float(), v.float(), window=16).to(torch.bfloat16)
+    assert torch.equal(out, expected)
+    with torch.autocast("cpu", enabled=False):  # bf16 SDPA differs: the comparison above can fail
+        in_bf16 = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(64, 64, dtype=torch.bool).tril()
+                                                                   & ~torch.ones(64, 64, dtype=torch.bool).tril(-16))
+    assert not torch.equal(in_bf16, expected)
+
+
+
+def test_flex_kernel_refuses_dropout():
+    q = k = v = torch.randn(1, 2, 16, 8)
+    with pytest.raises(ConfigError, match="dropout"):
+        attention.causal_attention(q, k, v, window=4, impl="flex", dropout_p=0.1)
+    model = tiny_model(window=4, dropout=0.1).train()
+    model.set_attention_impl("flex")
+    with pytest.raises(ConfigError, match="dropout"):
+        model(torch.randint(0, 64, (1, 16)))
+

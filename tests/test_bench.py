@@ -11,15 +11,15 @@ from dataclasses import fields
 
 import pytest
 
-from conftest import run_script
+from helpers import run_script
 from model import GPTConfig
 
-TINY = ["--n_layer=2", "--n_head=4", "--n_embd=32", "--block_size=32", "--vocab_size=64", "--device=cpu"]
+TINY_ARGS = ["--n_layer=2", "--n_head=4", "--n_embd=32", "--block_size=32", "--vocab_size=64", "--device=cpu"]
 
 
 def bench(tmp_path, *args):
     out = tmp_path / "bench.jsonl"
-    result = run_script("bench.py", *TINY, *args, f"--json_out={out}", timeout=300)
+    result = run_script("bench.py", *TINY_ARGS, *args, f"--json_out={out}", timeout=300)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 1
@@ -127,7 +127,7 @@ def recorded_vs_transformers(monkeypatch, tmp_path, *args):
     monkeypatch.setattr(GPT, "generate", recording_generate)
     importlib.reload(bench)
     out = tmp_path / "bench.jsonl"
-    monkeypatch.setattr(sys, "argv", ["bench.py", *TINY, "--mode=generate", "--vs_transformers=True", f"--json_out={out}", *args])
+    monkeypatch.setattr(sys, "argv", ["bench.py", *TINY_ARGS, "--mode=generate", "--vs_transformers=True", f"--json_out={out}", *args])
     bench.main()
     return json.loads(out.read_text())["result"], our_outputs, hf_outputs, hf_models[-1]
 
@@ -213,7 +213,7 @@ def run_bench_in_process(monkeypatch, capsys, args):
 def test_bad_setting_is_one_line_naming_it(tmp_path, monkeypatch, capsys, args, key):
     """Checked before any work (in-process: each error comes before a model is built)."""
     out = tmp_path / "bench.jsonl"
-    code, stderr = run_bench_in_process(monkeypatch, capsys, [*TINY, *args, f"--json_out={out}"])
+    code, stderr = run_bench_in_process(monkeypatch, capsys, [*TINY_ARGS, *args, f"--json_out={out}"])
     lines = stderr.strip().splitlines()
     assert code == 1 and len(lines) == 1 and lines[0].startswith("error:") and key in lines[0], stderr
     assert not out.exists()
@@ -221,12 +221,12 @@ def test_bad_setting_is_one_line_naming_it(tmp_path, monkeypatch, capsys, args, 
 
 def test_bad_setting_from_the_command_line(tmp_path):
     out = tmp_path / "bench.jsonl"
-    result = run_script("bench.py", *TINY, "--mode=generate", "--new_tokens=0", f"--json_out={out}", timeout=120)
+    result = run_script("bench.py", *TINY_ARGS, "--mode=generate", "--new_tokens=0", f"--json_out={out}", timeout=120)
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
         "error: --new_tokens=0 is out of range: new_tokens must be an integer >= 1"]
     assert not out.exists()
 
 
 def test_json_out_in_missing_folder(monkeypatch, capsys, tmp_path):
-    code, stderr = run_bench_in_process(monkeypatch, capsys, [*TINY, f"--json_out={tmp_path / 'missing' / 'b.jsonl'}"])
+    code, stderr = run_bench_in_process(monkeypatch, capsys, [*TINY_ARGS, f"--json_out={tmp_path / 'missing' / 'b.jsonl'}"])
     assert code == 1 and "json_out" in stderr

@@ -7,7 +7,7 @@ import pytest
 
 from common import UserError
 from configurator import apply_overrides
-from conftest import REPO, assert_user_error, run_script
+from helpers import REPO, assert_user_error, run_script
 
 
 def settings(**extra):

@@ -23,13 +23,10 @@ import attention
 from model import GPT, GPTConfig, Block
 from checkpoint import load_checkpoint
 from optimizers import muon_available
-from conftest import TINY_TRAIN_ARGS, read_metrics, run_script, tiny_model
-from test_attention import naive_attention, forward_backward
-from test_distributed import torchrun
+from helpers import TINY_TRAIN_ARGS, V, forward_backward, naive_attention, read_metrics, run_script, tiny_model, torchrun
 
 CUDA = pytest.param("cuda", marks=pytest.mark.cuda)
 DEVICES = ["cpu", CUDA]
-V = 64
 
 
 @pytest.fixture()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tiktoken
 
-from conftest import REPO, run_script, assert_user_error
+from helpers import REPO, run_script, assert_user_error
 
 TINY_SHAKESPEARE_CHARS = 1_115_394
 

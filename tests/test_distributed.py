@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, TINY_TRAIN_ARGS, read_metrics, run_script, script_env
+from helpers import CHILD_TIMEOUT, REPO, TINY_TRAIN_ARGS, read_metrics, run_script, script_env, torchrun
 from checkpoint import load_checkpoint
 from sharded_checkpoint import read_index
 
@@ -21,13 +21,8 @@ pytestmark = pytest.mark.slow  # every test launches torchrun (~10 s of start-up
 # by all keys of a query), so its value is pure roundoff, which AdamW's normalisation then amplifies; one
 # process and two ranks add gradients in different orders, so that noise differs by ~1e-5 after 10 steps.
 # dropout on: each micro-batch's masks come from (seed, step, micro-batch), so the process that runs it does not matter
-TINY = [*TINY_TRAIN_ARGS[1:], "--batch_size=2", "--eval_iters=3", "--warmup_iters=2", "--bias=False", "--dropout=0.1"]
+DISTRIBUTED_ARGS = [*TINY_TRAIN_ARGS[1:], "--batch_size=2", "--eval_iters=3", "--warmup_iters=2", "--bias=False", "--dropout=0.1"]
 STEPS = 10
-
-
-def torchrun(nproc, *args, timeout=240):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           *args], cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=timeout)
 
 
 # train.py with the bytes of the gradients each process holds measured on the tensors themselves: when the
@@ -64,7 +59,7 @@ def train(data_root, out_dir, nproc=1, *extra):
     os.makedirs(out_dir, exist_ok=True)
     with open(script, "w") as f:
         f.write(MEASURING_TRAIN)
-    args = [script, *TINY, f"--data_root={data_root}", f"--out_dir={out_dir}", *extra]
+    args = [script, *DISTRIBUTED_ARGS, f"--data_root={data_root}", f"--out_dir={out_dir}", *extra]
     result = run_script(*args) if nproc == 1 else torchrun(nproc, *args)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -148,7 +143,7 @@ def test_fsdp_keeps_gradients_sharded_across_micro_steps(data_root, single, tmp_
 def test_grad_checkpointing_recomputes_and_matches(data_root, single, tmp_path, mode):
     """Each block runs forward twice per micro-step (once more in backward), and the run is the same run."""
     out = str(tmp_path)
-    args = ["tests/count_block_forwards.py", *TINY, f"--data_root={data_root}", f"--out_dir={out}",
+    args = ["tests/count_block_forwards.py", *DISTRIBUTED_ARGS, f"--data_root={data_root}", f"--out_dir={out}",
             f"--max_iters={STEPS}", "--eval_interval=5", "--gradient_accumulation_steps=4", "--grad_checkpoint=True",
             *(["--fsdp=True"] if mode == "fsdp" else [])]
     result = torchrun(2, *args)
@@ -232,7 +227,7 @@ def test_single_process_checkpoint_resumes_on_two_ranks(data_root, single, tmp_p
 
 
 def test_the_same_user_error_on_every_rank_is_printed_once(data_root, tmp_path):
-    result = torchrun(2, "train.py", *TINY, f"--data_root={data_root}", f"--out_dir={tmp_path / 'out'}",
+    result = torchrun(2, "train.py", *DISTRIBUTED_ARGS, f"--data_root={data_root}", f"--out_dir={tmp_path / 'out'}",
                       "--learning_rate=-1", timeout=120)
     assert result.returncode != 0
     assert result.stderr.count("error: --learning_rate=-1.0 is out of range") == 1, result.stderr
@@ -244,14 +239,14 @@ def test_a_failing_rank_ends_the_job_with_its_error(data_root, tmp_path):
     config = tmp_path / "rank1_only.py"
     config.write_text("import os\nif os.environ.get('RANK') == '1':\n    n_head = 5  # 32 is not divisible by 5\n")
     out = tmp_path / "out"
-    result = torchrun(2, "train.py", *TINY, f"--data_root={data_root}", f"--out_dir={out}", str(config),
+    result = torchrun(2, "train.py", *DISTRIBUTED_ARGS, f"--data_root={data_root}", f"--out_dir={out}", str(config),
                       "--max_iters=50", "--gradient_accumulation_steps=2", timeout=120)
     assert result.returncode != 0
     assert "error: GPTConfig.n_embd=32 must be divisible by n_head=5" in result.stderr
 
 
 def test_fsdp_without_torchrun_is_a_clear_error(data_root, tmp_path):
-    result = run_script("train.py", *TINY, f"--data_root={data_root}", f"--out_dir={tmp_path / 'out'}", "--fsdp=True")
+    result = run_script("train.py", *DISTRIBUTED_ARGS, f"--data_root={data_root}", f"--out_dir={tmp_path / 'out'}", "--fsdp=True")
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: --fsdp=True needs several processes") and "Traceback" not in result.stderr
 
@@ -259,14 +254,14 @@ def test_fsdp_without_torchrun_is_a_clear_error(data_root, tmp_path):
 # -----------------------------------------------------------------------------
 # Muon: DDP steps torch.optim.Muon on all-reduced gradients; FSDP gathers each matrix's update (optimizers.Muon)
 
-MUON = ["--optimizer=muon", "--muon_lr=0.02", "--max_iters=20", "--eval_interval=10", "--gradient_accumulation_steps=4"]
+MUON_ARGS = ["--optimizer=muon", "--muon_lr=0.02", "--max_iters=20", "--eval_interval=10", "--gradient_accumulation_steps=4"]
 FLOAT64_NS = "tests/float64_newton_schulz.py"  # train.py with Newton-Schulz in float64 instead of bfloat16
 
 
 def train_muon(data_root, out_dir, nproc, script, *extra):
-    args = [script, *TINY, f"--data_root={data_root}", f"--out_dir={out_dir}", *MUON, *extra]
+    args = [script, *DISTRIBUTED_ARGS, f"--data_root={data_root}", f"--out_dir={out_dir}", *MUON_ARGS, *extra]
     result = subprocess.run([sys.executable, *args], cwd=REPO, env=script_env(), capture_output=True, text=True,
-                            timeout=240) if nproc == 1 else torchrun(nproc, *args)
+                            timeout=CHILD_TIMEOUT) if nproc == 1 else torchrun(nproc, *args)
     assert result.returncode == 0, result.stdout + result.stderr
     return out_dir
 

@@ -28,7 +28,7 @@ import importlib
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 DOCS = ["README.md", *sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md")))]
 CODE = ["*.py", "data/*/prepare.py", "config/*.py", "experiments/*.py"]

@@ -17,7 +17,7 @@ import json
 import pytest
 import torch
 
-from conftest import SHARED, TINY_TRAIN_ARGS, assert_user_error, run_script, shakespeare_input, tiny_model
+from helpers import SEPARATOR, SHARED, TINY_TRAIN_ARGS, assert_user_error, logits_of, run_script, shakespeare_input, tiny_model
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, AutoTokenizer, Starcoder2Config, Starcoder2ForCausalLM  # noqa: E402
@@ -29,7 +29,6 @@ from hf_bridge import gpt_from_hf  # noqa: E402
 from common import UserError, load_model, get_tokenizer  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
 
-SEPARATOR = "---------------"
 BLOCK = 32  # tiny_model's block_size; the test sequences fill it, longer than every window below
 TEXT = "ROMEO:\nWhat light through yonder window breaks?  It is the east,\n\nand Juliet is the sun!\n"
 
@@ -81,13 +80,6 @@ def exported(request, tmp_path_factory, chars):
 def sequences(n_tokens, batch=2, seed=0):
     """Random token ids filling the block (longer than every window here)."""
     return torch.randint(0, n_tokens, (batch, BLOCK), generator=torch.Generator().manual_seed(seed))
-
-
-def logits_of(model, idx):
-    """Logits of our GPT or of a transformers model."""
-    with torch.no_grad():
-        out = model(idx)
-    return out[0] if isinstance(out, tuple) else out.logits
 
 
 def load_hf(folder, **kwargs):

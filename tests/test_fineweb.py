@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tiktoken
 
-from conftest import REPO
+from helpers import REPO
 
 datasets = pytest.importorskip("datasets")
 
@@ -33,7 +33,7 @@ def fineweb():
     del sys.modules[name]
 
 
-def documents(n=N_DOCS, prefix="Document"):
+def fake_documents(n=N_DOCS, prefix="Document"):
     words = ["the", "quick", "brown", "fox", "naïve", "café", "日本語", "✓", "tokens", "\n", "  ", "<|endoftext|>"]
     rng = np.random.default_rng(0)
     docs = [f"{prefix} {i}: " + " ".join(rng.choice(words, size=int(rng.integers(0, 40)))) for i in range(n)]
@@ -60,7 +60,7 @@ def as_dataset(docs):
 
 @pytest.mark.parametrize("num_proc, docs_per_chunk", [(1, 64), (2, 37), (1, 10_000)])
 def test_tokenize_and_write_matches_tiktoken(tmp_path, fineweb, num_proc, docs_per_chunk):
-    docs = documents()
+    docs = fake_documents()
     counts = fineweb.tokenize_and_write(as_dataset(docs), str(tmp_path), num_proc=num_proc, docs_per_chunk=docs_per_chunk,
                                         val_tokens=VAL_TOKENS)
     expected = expected_bins(docs)
@@ -75,7 +75,7 @@ def test_tokenize_and_write_matches_tiktoken(tmp_path, fineweb, num_proc, docs_p
 
 
 def test_continues_after_an_interruption(tmp_path, fineweb, monkeypatch, capsys):
-    docs, chunk = documents(), 40
+    docs, chunk = fake_documents(), 40
     # the validation boundary falls inside the third chunk, the one the interruption hits
     enc = tiktoken.get_encoding("gpt2")
     val_tokens = sum(len(enc.encode_ordinary(text)) + 1 for text in docs[:2 * chunk + 5]) + 3
@@ -119,7 +119,7 @@ def test_continues_after_an_interruption(tmp_path, fineweb, monkeypatch, capsys)
 
 
 def test_refuses_to_continue_something_else(tmp_path, fineweb):
-    docs = documents()
+    docs = fake_documents()
     fineweb.tokenize_and_write(as_dataset(docs), str(tmp_path), num_proc=1, settings={"num_docs": None})
     before = read_bins(tmp_path)
     # other settings, another number of documents, bins shorter than the record, a damaged record
@@ -145,7 +145,7 @@ def test_refuses_to_continue_something_else(tmp_path, fineweb):
 def fake_hub(monkeypatch, tmp_path):
     """datasets.load_dataset answering for FineWeb-Edu with in-memory documents (a map-style Dataset,
     or an IterableDataset when streaming), and datasets' cache in tmp_path."""
-    docs = documents()
+    docs = fake_documents()
     asked = []
     def load_dataset(path, name=None, split=None, streaming=False, **kwargs):
         asked.append(dict(path=path, name=name, split=split, streaming=streaming))

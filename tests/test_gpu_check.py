@@ -17,7 +17,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import REPO, run_script, assert_user_error, fresh_copy, script_env, shakespeare_input
+from helpers import REPO, run_script, assert_user_error, fresh_copy, script_env, shakespeare_input
 
 sys.path.insert(0, os.path.join(REPO, "experiments"))
 import gpu_check  # noqa: E402

@@ -9,10 +9,10 @@ import sys
 import pytest
 
 import plot
-from conftest import assert_user_error, run_script
+from helpers import assert_user_error, run_script
 
 
-def write_run(folder, records):
+def write_metrics(folder, records):
     folder.mkdir()
     with open(folder / "metrics.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
@@ -34,7 +34,7 @@ RUN = [
 
 
 def test_curves_by_hand(tmp_path):
-    c = plot.curves(plot.read_metrics(write_run(tmp_path / "run", RUN)))
+    c = plot.curves(plot.read_metrics(write_metrics(tmp_path / "run", RUN)))
     assert [(r["iter"], r["loss"]) for r in c["steps"]] == [(0, 4.2), (2, 3.0), (4, 2.5)]  # step 4: its latest record
     assert [c["tokens"](s) for s in (0, 2, 4)] == [0, 2_000, 4_000]  # 1,000 tokens a step
     assert c["seconds"] == pytest.approx([0.0, 0.2, 0.6])  # 2 steps of 0.1 s, then 2 of 0.2 s
@@ -45,8 +45,8 @@ def test_curves_by_hand(tmp_path):
 
 def test_draws_a_png_of_several_runs(tmp_path):
     pytest.importorskip("matplotlib")
-    a = write_run(tmp_path / "a", RUN)
-    b = write_run(tmp_path / "b", [r for r in RUN if "hellaswag_acc" not in r])
+    a = write_metrics(tmp_path / "a", RUN)
+    b = write_metrics(tmp_path / "b", [r for r in RUN if "hellaswag_acc" not in r])
     png = tmp_path / "out" / "runs.png"
     result = run_script("plot.py", a, b, "--labels=first,second", f"--png={png}", timeout=120)
     assert result.returncode == 0, result.stderr
@@ -56,7 +56,7 @@ def test_draws_a_png_of_several_runs(tmp_path):
 
 
 def test_without_matplotlib_is_one_line(tmp_path):
-    run = write_run(tmp_path / "run", RUN)
+    run = write_metrics(tmp_path / "run", RUN)
     code = ("import sys, runpy; sys.modules['matplotlib'] = None; "  # None in sys.modules: the import fails
             f"sys.argv = ['plot.py', {run!r}, '--png={tmp_path / 'x.png'}']; runpy.run_path('plot.py', run_name='__main__')")
     result = run_script("-c", code, timeout=120)
@@ -67,7 +67,7 @@ def test_without_matplotlib_is_one_line(tmp_path):
 @pytest.mark.parametrize("args, fragment", [([], "no run given"), (["missing_dir"], "not found"),
                                             (["RUN", "--labels=a,b"], "--labels has 2 names for 1 runs")])
 def test_mistakes_are_one_line(tmp_path, args, fragment):
-    run = write_run(tmp_path / "run", RUN)
+    run = write_metrics(tmp_path / "run", RUN)
     args = [run if a == "RUN" else str(tmp_path / a) if a == "missing_dir" else a for a in args]
     result = run_script("plot.py", *args, f"--png={tmp_path / 'x.png'}", timeout=120)
     assert_user_error(result, fragment)

@@ -27,14 +27,13 @@ import re
 import sys
 import json
 import shlex
-import socket
 import subprocess
 from dataclasses import dataclass
 from collections.abc import Callable
 
 import pytest
 
-from conftest import REPO, SHARED, fresh_copy, script_env, shakespeare_input
+from helpers import REPO, SHARED, free_port, fresh_copy, script_env, shakespeare_input
 
 TIMEOUT = 300  # seconds for one command
 README_LIMIT = 15_500  # bytes: a front page of about nanoGPT's length (its README is ~14 KB)
@@ -124,7 +123,7 @@ class Scratch:
         import shutil
         for name in ("shakespeare_char", "shakespeare"):  # what the prepare scripts would download
             shutil.copy(shakespeare_input(), os.path.join(self.repo, "data", name, "input.txt"))
-        from test_hellaswag import EXAMPLES
+        from test_eval_hellaswag import EXAMPLES
         with open(os.path.join(self.repo, "data", "hellaswag", "hellaswag_val.jsonl"), "w") as f:
             f.writelines(json.dumps(example) + "\n" for example in EXAMPLES)
         save_gpt2_stand_in(os.path.join(self.env["HF_HOME"], "hub"))
@@ -289,12 +288,6 @@ def run_torchrun(scratch, argv):
             out, _ = node.communicate(timeout=30)
         results.append(subprocess.CompletedProcess(node.args, node.returncode, out, ""))
     return results
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_with_overrides(script, extra):

@@ -9,13 +9,7 @@ import pytest
 import torch
 
 from common import UserError
-from conftest import REPO, assert_user_error, run_script
-
-SEPARATOR = "---------------"
-
-
-def sample(*args, check=True, timeout=300):
-    return run_script("sample.py", "--device=cpu", *args, check=check, timeout=timeout)
+from helpers import REPO, SEPARATOR, assert_user_error, sample, script_env, split_samples
 
 
 # -----------------------------------------------------------------------------
@@ -113,7 +107,7 @@ def hf_dir(tmp_path_factory):
     return str(path), hf
 
 
-def hf_greedy(hf, ids, steps):
+def hf_greedy_ids(hf, ids, steps):
     """transformers' forward over the whole sequence at every step: the uncached reference."""
     idx = torch.tensor([ids])
     with torch.no_grad():
@@ -131,10 +125,53 @@ def test_greedy_sample_matches_transformers(hf_dir, tmp_path, use_cache):
     path = tmp_path / "prompt.txt"
     path.write_text(prompt, encoding="utf-8")
     ids = enc.encode(prompt)
-    new = hf_greedy(hf, ids, 40)  # prompt + 40 tokens stay within the 64 positions
+    new = hf_greedy_ids(hf, ids, 40)  # prompt + 40 tokens stay within the 64 positions
     assert len(set(new)) > 10, new  # a varied continuation: a cache that lost positions would show
     result = sample(f"--init_from={folder}", f"--start=FILE:{path}", "--max_new_tokens=40", "--num_samples=1",
                     "--temperature=0", "--stream=False", f"--use_cache={use_cache}")
     assert result.stdout == prompt + enc.decode(new) + f"\n{SEPARATOR}\n"
     assert "40 tokens" in result.stderr
     assert ("with KV cache" if use_cache else "without KV cache") in result.stderr
+
+
+# -----------------------------------------------------------------------------
+# sample.py on our checkpoint (conftest.short_run), and on folders and names
+
+def test_stream_prints_what_batch_prints(short_run):
+    common = ["--init_from=resume", f"--out_dir={short_run}", "--temperature=0", "--num_samples=2",
+              "--max_new_tokens=80", "--start=ROMEO:"]  # 6 + 80 characters: past block_size 64
+    batch = sample(*common, "--stream=False").stdout
+    streamed = sample(*common, "--stream=True").stdout
+    assert streamed == batch
+    samples = split_samples(batch, "ROMEO:", 80, 2)
+    assert samples[0] == samples[1]  # greedy: the same both times
+
+
+@pytest.mark.parametrize("start, needle", [("", "empty"), ("ROMEO: ½", "vocabulary")])
+def test_sample_prompt_outside_char_vocabulary(short_run, start, needle):
+    result = sample("--init_from=resume", f"--out_dir={short_run}", f"--start={start}", "--max_new_tokens=2", check=False)
+    assert_user_error(result, needle)
+
+
+def test_sample_resume_without_checkpoint(tmp_path):
+    assert_user_error(sample("--init_from=resume", f"--out_dir={tmp_path}", check=False), "ckpt.pt")
+
+
+
+def test_sample_hf_directory(hf_dir):
+    import tiktoken
+    result = sample(f"--init_from={hf_dir[0]}", "--start=Hello", "--max_new_tokens=10", "--num_samples=1", "--stream=False")
+    assert result.stdout.startswith("Hello")
+    text, rest = result.stdout.rsplit(f"\n{SEPARATOR}\n", 1)
+    assert rest == ""
+    assert len(tiktoken.get_encoding("gpt2").encode(text, allowed_special="all")) > 1
+    assert "10 tokens" in result.stderr
+
+
+def test_sample_gpt2_offline(tmp_path):
+    # an empty hub cache and offline mode: as on a machine that never downloaded GPT-2 and has no network
+    env = script_env(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    result = sample("--init_from=gpt2", "--max_new_tokens=2", check=False, env=env)
+    line = assert_user_error(result, "gpt2")
+    assert "directory" in line
+

@@ -15,15 +15,12 @@ import subprocess
 import pytest
 import torch
 
-from conftest import REPO, run_script, script_env
+from helpers import CHILD_TIMEOUT, REPO, RunsCode, fill, run_script, script_env, torchrun
 from common import UserError
 from checkpoint import load_checkpoint, save_checkpoint, sharded_path, remove_sharded_twin
 from model import GPT, GPTConfig
 from distributed import new_sharded_model
 from sharded_checkpoint import ShardedCheckpointer, load_training_state, read_index
-from test_lifecycle import small_disk, fill  # noqa: F401  (a fixture)
-
-TIMEOUT = 240
 
 
 def trained_tiny(seed=0, **config):
@@ -194,14 +191,6 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint(tmp_path, where):
     assert load_checkpoint(path)["iter_num"] == 4
 
 
-class RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_damaged_or_crafted_sharded_checkpoints_are_user_errors(tmp_path):
     model, optimizer = trained_tiny()
     path = str(tmp_path / "ckpt.dcp")
@@ -266,19 +255,23 @@ SCRIPTS = {
                                             f"--predictions_path={out}/predictions.jsonl"],
 }
 
+REPORTED_ON = {"sample.py": "stderr", "export_hf.py": "stdout", "eval_hellaswag.py": "stdout"}  # "read <checkpoint> (step N, ...)"
+
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_reader_takes_a_sharded_checkpoint_on_one_process(both_formats, script):
     """Each script on the sharded checkpoint, alone (no torchrun), does what it does on the one-file checkpoint."""
-    results = {}
+    results, reports = {}, {}
     for kind in ("file", "sharded"):
         out = both_formats / kind
-        result = run_script(*SCRIPTS[script](out, both_formats), timeout=TIMEOUT)
+        result = run_script(*SCRIPTS[script](out, both_formats), timeout=CHILD_TIMEOUT)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "Warning" not in result.stderr, result.stderr
         results[kind] = result.stdout.replace(str(out), "OUT")
-    if "OUT/ckpt.pt" in results["file"]:  # a script that names the checkpoint it read names the folder
-        assert "OUT/ckpt.dcp" in results["sharded"]
+        reports[kind] = getattr(result, REPORTED_ON[script]).replace(str(out), "OUT")
+    # every script names the checkpoint it read: for the sharded one, its folder
+    assert "read OUT/ckpt.pt (step 5" in reports["file"], reports["file"]
+    assert "read OUT/ckpt.dcp (step 5" in reports["sharded"], reports["sharded"]
     assert results["sharded"].replace("OUT/ckpt.dcp", "OUT/ckpt.pt") == results["file"]
     if script == "export_hf.py":
         for name in ("model.safetensors", "config.json"):
@@ -291,16 +284,12 @@ def test_every_reader_takes_a_sharded_checkpoint_on_one_process(both_formats, sc
 # -----------------------------------------------------------------------------
 # several processes (gloo): FSDP's shards, written by each rank, read on any world size
 
-def torchrun(nproc, *args):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           "tests/sharded_checkpoint_worker.py", *args], cwd=REPO, env=script_env(),
-                          capture_output=True, text=True, timeout=TIMEOUT)
-
+WORKER = "tests/sharded_checkpoint_worker.py"
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    result = torchrun(2, "save", str(out))
+    result = torchrun(2, WORKER, "save", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     return out
 
@@ -359,15 +348,15 @@ def test_fsdp_shards_load_on_another_world_size(fsdp_run, nproc, mode):
     """Written by FSDP on 2 processes, restored (model and AdamW's moments) by FSDP on 3, by DDP on 2 and by one
     process: the same state as the one-file checkpoint of the run."""
     if mode == "alone":
-        result = run_script("tests/sharded_checkpoint_worker.py", "load", str(fsdp_run), timeout=TIMEOUT)
+        result = run_script(WORKER, "load", str(fsdp_run), timeout=CHILD_TIMEOUT)
     else:
-        result = torchrun(nproc, "load", str(fsdp_run), *(["ddp"] if mode == "ddp" else []))
+        result = torchrun(nproc, WORKER, "load", str(fsdp_run), *(["ddp"] if mode == "ddp" else []))
     assert result.returncode == 0, result.stdout + result.stderr
     loaded = load_gathered(fsdp_run / f"loaded_{nproc}{'_ddp' if mode == 'ddp' else ''}.pt")
     assert_same(loaded, load_gathered(fsdp_run / "step2.pt"))
 
 
-def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(small_disk):  # noqa: F811 (the fixture)
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(small_disk):
     model, optimizer = trained_tiny()
     path = os.path.join(small_disk, "ckpt.dcp")
     values = dict(model_args=model.config.to_dict(), iter_num=1)

@@ -12,7 +12,7 @@ import torch
 import train
 from configurator import read_settings
 from common import UserError
-from conftest import TINY_TRAIN_ARGS, assert_user_error, read_metrics, run_script, tiny_model
+from helpers import TINY_TRAIN_ARGS, assert_user_error, read_metrics, run_script, tiny_model
 from optimizers import Muon, OptimizerGroup, muon_available
 
 pytestmark = pytest.mark.skipif(not muon_available(), reason="torch.optim.Muon needs PyTorch >= 2.9")

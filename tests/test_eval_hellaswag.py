@@ -14,7 +14,7 @@ import importlib.util
 import pytest
 import torch
 
-from conftest import REPO, run_script, script_env, assert_user_error, tiny_model
+from helpers import REPO, run_script, script_env, assert_user_error, tiny_model
 from common import UserError, get_tokenizer
 from checkpoint import save_checkpoint
 from hf_bridge import gpt_from_hf
