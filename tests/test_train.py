@@ -166,8 +166,14 @@ def test_settings_out_of_range_are_refused_before_any_work(monkeypatch, tmp_path
             train.validate_settings(SimpleNamespace(**dict(good, **{key: bad})))
     # and train.main checks them first: a bad one ends it before the data is read, a process group is started
     # or out_dir is made
+    for key in good:  # main reads its settings into train's namespace: monkeypatch puts them back afterwards
+        monkeypatch.setattr(train, key, getattr(train, key))
     work = []
-    monkeypatch.setattr(train, "data_vocabulary", lambda *args: work.append("data read"))
+
+    def reading(data_dir):
+        work.append("data read")
+        return 65, None
+    monkeypatch.setattr(train, "data_vocabulary", reading)
     monkeypatch.setattr(train, "init_process_group", lambda *args: work.append("processes started"))
     monkeypatch.setattr(sys, "argv", ["train.py", f"--out_dir={tmp_path / 'out'}", "--device=cpu", "--learning_rate=-1"])
     with pytest.raises(UserError, match="learning_rate"):
