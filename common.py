@@ -274,6 +274,14 @@ def remove_sharded_twin(path: str) -> None:
         shutil.rmtree(sharded_path(path))
 
 
+def is_torch_save_file(path: str) -> bool:
+    """Whether the file begins as torch.save's files do: a zip archive, or (older torch, other programs) a
+    pickle. An empty file passes: torch.load says it is cut short."""
+    with open(path, "rb") as f:
+        start = f.read(4)
+    return not start or start.startswith(b"PK\x03\x04") or start[:1] == b"\x80"
+
+
 def load_checkpoint(source: str | BinaryIO, map_location: str = "cpu", name: str | None = None) -> dict:
     """Load a checkpoint (a path, or a file-like object named `name` in messages) without running any code
     from it (weights_only=True); clear errors for the rest. A path whose checkpoint is sharded (its twin
@@ -285,7 +293,13 @@ def load_checkpoint(source: str | BinaryIO, map_location: str = "cpu", name: str
             from sharded_checkpoint import read_whole  # torch.distributed.checkpoint takes a while to import
             return read_whole(source)
     if isinstance(source, str) and not os.path.exists(source):
+        if os.path.isdir(sharded_path(source)):  # checkpoint.json is written last: a first save cut short, or removed
+            raise UserError(f"{sharded_path(source)} has no {SHARDED_INDEX_NAME}: its save did not finish or the file "
+                            f"was removed; restore it from a backup or train again")
         raise UserError(f"no checkpoint at {source}; train one first, or point --out_dir at the folder that has {os.path.basename(source)}")
+    if isinstance(source, str) and not is_torch_save_file(source):
+        raise UserError(f"{name} is not a checkpoint: it is neither a file torch.save writes nor a pickle (another "
+                        f"file in its place, or damaged); restore it from a backup or train again")
     try:
         checkpoint = torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -486,3 +500,16 @@ def gpt2_encoding():
     except (OSError, ValueError) as e:  # the BPE files are downloaded on first use; offline that fails (requests' errors are OSErrors)
         raise UserError(f"could not load the GPT-2 tokenizer ({type(e).__name__}): tiktoken downloads it once; "
                         f"connect to the network once, or point TIKTOKEN_CACHE_DIR at a cache that has it") from None
+
+
+# -----------------------------------------------------------------------------
+# run logs
+
+def ends_inside_a_line(path: str) -> bool:
+    """Whether the file ends without its last newline: a record that a crash tore mid-write. Whoever appends
+    to it starts a new line first, so that the next record stays whole (and the torn one is skipped by readers)."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"

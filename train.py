@@ -44,7 +44,7 @@ from configurator import read_settings
 from optimizers import OptimizerGroup, muon_available
 from eval_hellaswag import load_hellaswag, evaluate_hellaswag, example_rows
 from common import (UserError, run_main, range_check, pick_device, pick_dtype, autocast_context, checkpoint_path,
-                    save_checkpoint, load_checkpoint, new_model, load_trained, load_pretrained, read_char_vocab,
+                    save_checkpoint, load_checkpoint, new_model, load_trained, load_pretrained, read_char_vocab, ends_inside_a_line,
                     is_character_vocabulary, estimate_mfu, get_tokenizer, unwritable, current_checkpoint, sharded_path,
                     remove_sharded_twin)
 
@@ -243,7 +243,11 @@ class BatchStream:
             path = self.path(split)
             if not os.path.exists(path):
                 raise UserError(f"no {split} data at {path}; prepare it first with: python data/{dataset}/prepare.py")
-            n = os.path.getsize(path) // 2
+            size = os.path.getsize(path)
+            if size % 2:  # uint16 tokens: an odd size is a file cut short or not a token file at all
+                raise UserError(f"{path} is {size:,} bytes, not a whole number of 2-byte tokens: it is cut short or "
+                                f"not a token file; prepare it again with python data/{dataset}/prepare.py")
+            n = size // 2
             if n < self.block_size + 1:
                 raise UserError(f"{path} has {n} tokens, fewer than block_size + 1 = {self.block_size + 1}; "
                                 f"use a smaller --block_size or more data")
@@ -448,7 +452,11 @@ class RunLog:
         if not active:
             return
         os.makedirs(out_dir, exist_ok=True)
+        torn = ends_inside_a_line(self.path)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # unbuffered: a failed write is known at once
+        if torn:
+            os.write(self.fd, b"\n")
+            print(f"{self.path} ends in a record a crash cut short: the next one starts on a line of its own", file=sys.stderr)
         if wandb_settings is not None:
             import wandb
             self.wandb = wandb
