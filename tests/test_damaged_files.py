@@ -393,3 +393,26 @@ def test_resume_after_a_torn_record_starts_a_line_of_its_own(cell):
     assert any(r.get("iter") == 6 for r in map(json.loads, lines[1:]))
     result = run_in_process("plot.py", str(cell / "run"), f"--png={cell / 'runs.png'}")
     assert result.returncode == 0 and "skipped a record cut short" in result.stderr, result.stderr
+
+
+# -----------------------------------------------------------------------------
+# under torchrun: every rank meets the damage, the line is printed once
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_fsdp_resume_with_a_shard_file_missing_is_one_line_from_every_rank(cell):
+    from test_distributed import torchrun
+    out = cell / "fsdp"
+    args = ["train.py", *TINY_RUN, f"--data_root={cell / 'data'}", f"--out_dir={out}", "--fsdp=True",
+            "--gradient_accumulation_steps=2", "--max_iters=2", "--eval_interval=2"]
+    first = torchrun(2, *args, timeout=120)
+    assert first.returncode == 0, first.stderr
+    shards = next(p for p in (out / "ckpt.dcp").iterdir() if p.is_dir())
+    os.remove(shards / "__1_0.distcp")
+    before = snapshot(out)
+    result = torchrun(2, *args, "--init_from=resume", "--max_iters=4", "--lr_decay_iters=4", timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("missing shard file(s) __1_0.distcp") == 1, result.stderr
+    # torchrun's agent ends with its own ChildFailedError summary; no worker shows a traceback
+    assert 'train.py", line' not in result.stderr and "CheckpointException" not in result.stderr, result.stderr
+    assert snapshot(out) == before
