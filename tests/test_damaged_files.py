@@ -106,9 +106,11 @@ def made(tmp_path_factory):
     checkpoint = load_checkpoint(str(run / "ckpt.pt"))
     model = new_model(checkpoint["model_args"])
     model.load_state_dict(checkpoint["model"])
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")  # train.py's AdamW: a resume reads it back
+    optimizer.load_state_dict(checkpoint["optimizer"])
     values = {k: v for k, v in checkpoint.items() if k not in ("model", "optimizer", "scaler") and not torch.is_tensor(v)}
     (root / "sharded").mkdir()
-    ShardedCheckpointer().save(sharded_path(str(root / "sharded" / "ckpt.pt")), model, None, values)
+    ShardedCheckpointer().save(sharded_path(str(root / "sharded" / "ckpt.pt")), model, optimizer, values)
 
     example = dict(ctx="A man is sitting on a roof. He", endings=["starts pulling up roofing.", "is ripping level tiles.",
                                                                  "is holding a rubik's cube.", "goes to the roof."], label=0)
@@ -195,6 +197,12 @@ def weights_only_state_dict(path, cell):
     torch.save({"transformer.wte.weight": torch.zeros(65, 16)}, path)
 
 
+def another_program(path, cell):
+    """JSON of another program (or a later version) where train.py's checkpoint.json is read."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"format": 2, "weights": "model.safetensors"}, f)
+
+
 def another_architecture(path, cell):
     """A checkpoint whose model_args do not match its weights (another version of the model, or an edit)."""
     checkpoint = torch.load(path, weights_only=True)
@@ -202,7 +210,7 @@ def another_architecture(path, cell):
     torch.save(checkpoint, path)
 
 
-for damage in (pickled, weights_only_state_dict, another_architecture):
+for damage in (pickled, weights_only_state_dict, another_program, another_architecture):
     damage.needs_cell = True
 
 
@@ -255,7 +263,7 @@ def command(script, file, cell):
             os.remove(cell / "data" / "shakespeare_char" / "meta.json")
             return [*TINY_RUN, *data, f"--out_dir={cell / 'new'}", "--hellaswag_interval=2",
                     f"--hellaswag_path={cell / 'hellaswag.jsonl'}"]
-        if file in ("ckpt.pt",):
+        if file in ("ckpt.pt", "checkpoint.json", ".metadata", "shard"):
             return [*TINY_RUN, *data, "--init_from=resume", f"--out_dir={run}", "--max_iters=6", "--lr_decay_iters=6"]
         return [*TINY_RUN, *data, f"--out_dir={cell / 'new'}"]
     if script == "sample.py":
@@ -284,9 +292,9 @@ CELLS = [
     *[("ckpt.pt", damage, script) for script in ("train.py", *CHECKPOINT_READERS)
       for damage in (missing, *ONE_FILE_CHECKPOINT_DAMAGES)],
     *[("best.pt", damage, script) for script in CHECKPOINT_READERS for damage in ONE_FILE_CHECKPOINT_DAMAGES],
-    *[("checkpoint.json", damage, script) for script in CHECKPOINT_READERS
-      for damage in (missing, *TEXT_DAMAGES, another_kind("run/ckpt.pt"))],
-    *[(f, damage, script) for f in (".metadata", "shard") for script in CHECKPOINT_READERS
+    *[("checkpoint.json", damage, script) for script in ("train.py", *CHECKPOINT_READERS)
+      for damage in (missing, *TEXT_DAMAGES, another_kind("run/ckpt.pt"), another_program)],
+    *[(f, damage, script) for f in (".metadata", "shard") for script in ("train.py", *CHECKPOINT_READERS)
       for damage in (missing, empty, truncated, garbage)],
     *[("metrics.jsonl", damage, "plot.py") for damage in (missing, empty, garbage, not_utf8, another_kind("run/ckpt.pt"))],
     *[(f, damage, script) for f in ("config.json", "model.safetensors", "tokenizer.json")
@@ -320,12 +328,26 @@ SAYS = {
     **{(f, "cut_mid_record"): ["not a whole number of 2-byte tokens"] for f in ("train.bin", "val.bin")},
     **{(f, d): ["is not a checkpoint"] for f in ("ckpt.pt", "best.pt") for d in ("garbage", "is_run_metrics_jsonl")},
     ("checkpoint.json", "missing"): ["has no checkpoint.json"],
+    ("checkpoint.json", "another_program"): ["not a sharded checkpoint written by train.py"],
     (".metadata", "missing"): [".metadata", "is missing"],
     ("shard", "missing"): ["missing shard file(s) __0_0.distcp"],
     ("config.json", "missing"): ["no config.json", "export_hf.py"],
     ("model.safetensors", "garbage"): ["restore it from a backup or export it again"],
     ("prompt", "empty"): ["prompt file", "is empty"],
+    **{("input.txt", d): ["is not UTF-8 text"] for d in ("garbage", "not_utf8", "is_run_ckpt_pt")},
 }
+
+
+@pytest.mark.parametrize("script", ["train.py", *CHECKPOINT_READERS])
+def test_the_whole_sharded_checkpoint_is_read(cell, script):
+    """The cells above fail on the damage, not on the made checkpoint: whole, every reader takes it (and
+    eval_hellaswag.py, having read it, refuses a character-level model)."""
+    result = run_in_process(script, *command(script, "checkpoint.json", cell))
+    if script == "eval_hellaswag.py":
+        assert "character-level model" in assert_user_error(result)
+    else:
+        assert result.returncode == 0, result.stderr
+    assert ("init_from=resume at step 4" if script == "train.py" else "ckpt.dcp (step 4") in result.stdout + result.stderr
 
 
 # every script reads its settings through the configurator: a damaged config file, for each
