@@ -417,6 +417,62 @@ def test_resume_after_a_torn_record_starts_a_line_of_its_own(cell):
     assert result.returncode == 0 and "skipped a record cut short" in result.stderr, result.stderr
 
 
+def test_eval_hellaswag_after_a_torn_record_starts_a_line_of_its_own(cell):
+    os.remove(cell / "data" / "shakespeare_char" / "meta.json")  # HellaSwag scores a GPT-2 BPE model
+    run = cell / "bpe"
+    result = run_in_process("train.py", *TINY_RUN, f"--data_root={cell / 'data'}", f"--out_dir={run}",
+                            "--max_iters=2", "--lr_decay_iters=2")
+    assert result.returncode == 0, result.stderr
+    metrics = run / "metrics.jsonl"
+    tear_last_record(metrics)
+    torn = metrics.read_bytes()
+    result = run_in_process("eval_hellaswag.py", f"--out_dir={run}", "--device=cpu",
+                            f"--data_path={cell / 'hellaswag.jsonl'}")
+    assert result.returncode == 0, result.stderr
+    lines = metrics.read_bytes()[len(torn):].decode().splitlines()
+    assert lines[0] == "" and len(lines) == 2, lines  # the torn line ended, then its own record, whole
+    assert json.loads(lines[1])["event"] == "hellaswag"
+
+
+# -----------------------------------------------------------------------------
+# a prepare script that would download its input, offline
+
+class Offline:
+    """requests.get as it fails without a network (raised), or with a server that answers an error status."""
+
+    def __init__(self, answers):
+        self.answers = answers
+
+    def __call__(self, url, **kwargs):
+        import requests
+        if not self.answers:
+            raise requests.ConnectionError(f"no network for {url}")
+        response = requests.Response()
+        response.status_code, response.url, response.raw = 404, url, io.BytesIO(b"Not Found")
+        return response
+
+
+DOWNLOADS = [(script, named, answers) for script, named in (("data/shakespeare_char/prepare.py", "input.txt"),
+                                                             ("data/shakespeare/prepare.py", "input.txt"),
+                                                             ("data/hellaswag/prepare.py", "hellaswag_val.jsonl"))
+             for answers in (False, True)]
+
+
+@pytest.mark.parametrize("script, named, answers", DOWNLOADS,
+                         ids=[f"{s.split('/')[1]}-{'404' if a else 'offline'}" for s, _, a in DOWNLOADS])
+def test_missing_input_that_cannot_be_downloaded_is_one_line(cell, monkeypatch, script, named, answers):
+    import requests
+    monkeypatch.setattr(requests, "get", Offline(answers))
+    folder = cell / "data" / script.split("/")[1]
+    folder.mkdir(exist_ok=True)
+    if (folder / "input.txt").exists():
+        os.remove(folder / "input.txt")
+    before = snapshot(cell)
+    result = run_in_process(script, str(folder))
+    assert_user_error(result, "could not download", named, str(folder))
+    assert snapshot(cell) == before
+
+
 # -----------------------------------------------------------------------------
 # under torchrun: every rank meets the damage, the line is printed once
 
