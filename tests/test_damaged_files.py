@@ -90,7 +90,8 @@ def snapshot(*folders):
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     """data/shakespeare_char (bins, meta.json), a trained run (ckpt.pt, best.pt, metrics.jsonl), its export (a
-    Hugging Face folder), its model as a sharded checkpoint, a HellaSwag file, a config and a prompt file."""
+    Hugging Face folder), its model as a sharded checkpoint (and with its optimizer, for a resume), a HellaSwag
+    file, a config and a prompt file."""
     root = tmp_path_factory.mktemp("made")
     data = root / "data" / "shakespeare_char"
     data.mkdir(parents=True)
@@ -106,11 +107,14 @@ def made(tmp_path_factory):
     checkpoint = load_checkpoint(str(run / "ckpt.pt"))
     model = new_model(checkpoint["model_args"])
     model.load_state_dict(checkpoint["model"])
-    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")  # train.py's AdamW: a resume reads it back
-    optimizer.load_state_dict(checkpoint["optimizer"])
     values = {k: v for k, v in checkpoint.items() if k not in ("model", "optimizer", "scaler") and not torch.is_tensor(v)}
     (root / "sharded").mkdir()
-    ShardedCheckpointer().save(sharded_path(str(root / "sharded" / "ckpt.pt")), model, optimizer, values)
+    ShardedCheckpointer().save(sharded_path(str(root / "sharded" / "ckpt.pt")), model, None, values)
+    # what train.py resumes from also holds the optimizer (whose shards, read by no other script, follow the model's)
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")  # train.py's AdamW
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    (root / "sharded_run").mkdir()
+    ShardedCheckpointer().save(sharded_path(str(root / "sharded_run" / "ckpt.pt")), model, optimizer, values)
 
     example = dict(ctx="A man is sitting on a roof. He", endings=["starts pulling up roofing.", "is ripping level tiles.",
                                                                  "is holding a rubik's cube.", "goes to the roof."], label=0)
@@ -217,15 +221,20 @@ for damage in (pickled, weights_only_state_dict, another_program, another_archit
 # -----------------------------------------------------------------------------
 # where each file is, and who reads it
 
-def files_of(cell):
-    shards = next(p for p in (cell / "sharded" / "ckpt.dcp").iterdir() if p.is_dir())
+def sharded_run(cell, script):
+    """The sharded checkpoint that `script` reads: train.py's resume needs the optimizer's shards too."""
+    return cell / ("sharded_run" if script == "train.py" else "sharded")
+
+
+def files_of(cell, script):
+    shards = next(p for p in (sharded_run(cell, script) / "ckpt.dcp").iterdir() if p.is_dir())
     return {
         "train.bin": cell / "data" / "shakespeare_char" / "train.bin",
         "val.bin": cell / "data" / "shakespeare_char" / "val.bin",
         "meta.json": cell / "data" / "shakespeare_char" / "meta.json",
         "ckpt.pt": cell / "run" / "ckpt.pt",
         "best.pt": cell / "run" / "best.pt",
-        "checkpoint.json": cell / "sharded" / "ckpt.dcp" / "checkpoint.json",
+        "checkpoint.json": sharded_run(cell, script) / "ckpt.dcp" / "checkpoint.json",
         ".metadata": shards / ".metadata",
         "shard": next(shards.glob("*.distcp")),
         "metrics.jsonl": cell / "run" / "metrics.jsonl",
@@ -249,7 +258,7 @@ def command(script, file, cell):
     """The command line that makes `script` read `file` in the cell."""
     data = [f"--data_root={cell / 'data'}"]
     if file in ("checkpoint.json", ".metadata", "shard"):
-        run, which = cell / "sharded", "last"
+        run, which = sharded_run(cell, script), "last"
     else:
         run, which = cell / "run", "last" if file == "ckpt.pt" else "auto"
     if file in ("config.json", "model.safetensors", "tokenizer.json"):
@@ -312,7 +321,7 @@ CELLS = [
                          ids=[f"{file}-{damage.__name__}-{script}" for file, damage, script in CELLS])
 def test_damaged_file_is_one_line_and_nothing_written(cell, file, damage, script):
     args = command(script, file, cell)
-    path = str(files_of(cell)[file])
+    path = str(files_of(cell, script)[file])
     if getattr(damage, "needs_cell", False):
         damage(path, str(cell))
     else:
