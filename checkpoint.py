@@ -257,11 +257,22 @@ def load_trained(out_dir: str, need_decoding: bool = True, which: str = "auto") 
 
 
 def describe_trained(loaded: "LoadedModel") -> str:
-    """Which file a script read, at which step and validation loss: said by every script that reads a run."""
+    """Which file a script read, at which step and with which validation loss: said by every script that reads a
+    run. best.pt holds the loss of its own weights; ckpt.pt only the run's best so far (at a stop, or after an
+    evaluation that did not improve, its weights have no loss of their own), named as that."""
     checkpoint = loaded.checkpoint
-    val_loss = checkpoint.get("val_loss", checkpoint.get("best_val_loss"))
-    loss_text = f", val loss {val_loss:.4f}" if isinstance(val_loss, float) and val_loss != float("inf") else ""
+    own, best = checkpoint.get("val_loss"), checkpoint.get("best_val_loss")
+    if is_finite_loss(own):
+        loss_text = f", val loss {own:.4f}"
+    elif is_finite_loss(best):
+        loss_text = f", best val loss so far {best:.4f}"
+    else:
+        loss_text = ""
     return f"read {loaded.path} (step {checkpoint.get('iter_num', '?')}{loss_text})"
+
+
+def is_finite_loss(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value)
 
 
 # -----------------------------------------------------------------------------

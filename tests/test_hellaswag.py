@@ -8,6 +8,7 @@ import os
 import sys
 import json
 import math
+import runpy
 import subprocess
 import importlib.util
 
@@ -370,6 +371,34 @@ def test_script_refuses_character_models(tmp_path, tiny):
     line = assert_user_error(run_eval("--init_from=resume", f"--out_dir={tmp_path}", f"--data_path={tiny['data']}"))
     assert "character-level" in line
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]  # no metrics.jsonl written
+
+
+@pytest.mark.parametrize("which", [None, "best", "last"])
+def test_resume_scores_best_pt_unless_told(tmp_path, tiny, monkeypatch, capsys, which):
+    """With no --checkpoint, --init_from=resume scores best.pt (the README's promise when the run has one), here
+    the reference's weights; --checkpoint=last scores ckpt.pt (other weights, a later step). As the command line
+    runs it, in a fresh namespace."""
+    best = gpt_from_hf(tiny["folder"])
+    last = gpt_from_hf(tiny["folder"])
+    with torch.no_grad():
+        for p in last.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    save_checkpoint(dict(model=best.state_dict(), model_args=best.config.to_dict(), iter_num=40, val_loss=3.5),
+                    str(tmp_path / "best.pt"))
+    save_checkpoint(dict(model=last.state_dict(), model_args=last.config.to_dict(), iter_num=55, best_val_loss=3.5),
+                    str(tmp_path / "ckpt.pt"))
+    predictions = tmp_path / "predictions.jsonl"
+    monkeypatch.setattr(sys, "argv", ["eval_hellaswag.py", "--device=cpu", f"--out_dir={tmp_path}", f"--data_path={tiny['data']}",
+                                      f"--predictions_path={predictions}", *([f"--checkpoint={which}"] if which else [])])
+    runpy.run_path(os.path.join(REPO, "eval_hellaswag.py"), run_name="__main__")
+    said = capsys.readouterr().out
+    step, name = (55, "ckpt.pt") if which == "last" else (40, "best.pt")
+    assert f"read {tmp_path / name} (step {step}" in said, said
+    assert json.loads(metrics_text(str(tmp_path)).splitlines()[-1])["iter"] == step
+    scored = [p["sum_loss"] for p in read_predictions(predictions)]
+    of_best = [r["sum_loss"] for r in reference(tiny["hf"], EXAMPLES)]
+    close = all(abs(a - b) < 1e-3 * max(1.0, abs(b)) for ours, theirs in zip(scored, of_best) for a, b in zip(ours, theirs))
+    assert close == (which != "last"), (scored, of_best)
 
 
 
