@@ -104,6 +104,14 @@ def save_checkpoint(checkpoint: dict, path: str) -> None:
         raise unwritable(path, os_error, tensor_bytes(checkpoint)) from None
 
 
+def is_torch_save_file(path: str) -> bool:
+    """Whether the file begins as torch.save's files do: a zip archive, or (older torch, other programs) a
+    pickle. An empty file passes: torch.load says it is cut short."""
+    with open(path, "rb") as f:
+        start = f.read(4)
+    return not start or start.startswith(b"PK\x03\x04") or start[:1] == b"\x80"
+
+
 def load_checkpoint(source: str | BinaryIO, map_location: str = "cpu", name: str | None = None) -> dict:
     """Load a checkpoint (a path, or a file-like object named `name` in messages) without running any code
     from it (weights_only=True); clear errors for the rest. A path whose checkpoint is sharded (its twin
@@ -115,7 +123,13 @@ def load_checkpoint(source: str | BinaryIO, map_location: str = "cpu", name: str
             from sharded_checkpoint import read_whole  # torch.distributed.checkpoint takes a while to import
             return read_whole(source)
     if isinstance(source, str) and not os.path.exists(source):
+        if os.path.isdir(sharded_path(source)):  # checkpoint.json is written last: a first save cut short, or removed
+            raise UserError(f"{sharded_path(source)} has no {SHARDED_INDEX_NAME}: its save did not finish or the file "
+                            f"was removed; restore it from a backup or train again")
         raise UserError(f"no checkpoint at {source}; train one first, or point --out_dir at the folder that has {os.path.basename(source)}")
+    if isinstance(source, str) and not is_torch_save_file(source):
+        raise UserError(f"{name} is not a checkpoint: it is neither a file torch.save writes nor a pickle (another "
+                        f"file in its place, or damaged); restore it from a backup or train again")
     try:
         checkpoint = torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -243,11 +257,22 @@ def load_trained(out_dir: str, need_decoding: bool = True, which: str = "auto") 
 
 
 def describe_trained(loaded: "LoadedModel") -> str:
-    """Which file a script read, at which step and validation loss: said by every script that reads a run."""
+    """Which file a script read, at which step and with which validation loss: said by every script that reads a
+    run. best.pt holds the loss of its own weights; ckpt.pt only the run's best so far (at a stop, or after an
+    evaluation that did not improve, its weights have no loss of their own), named as that."""
     checkpoint = loaded.checkpoint
-    val_loss = checkpoint.get("val_loss", checkpoint.get("best_val_loss"))
-    loss_text = f", val loss {val_loss:.4f}" if isinstance(val_loss, float) and val_loss != float("inf") else ""
+    own, best = checkpoint.get("val_loss"), checkpoint.get("best_val_loss")
+    if is_finite_loss(own):
+        loss_text = f", val loss {own:.4f}"
+    elif is_finite_loss(best):
+        loss_text = f", best val loss so far {best:.4f}"
+    else:
+        loss_text = ""
     return f"read {loaded.path} (step {checkpoint.get('iter_num', '?')}{loss_text})"
+
+
+def is_finite_loss(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value)
 
 
 # -----------------------------------------------------------------------------

@@ -62,8 +62,12 @@ def apply_overrides(namespace: dict, args: list[str], nullable: Collection[str] 
         if not arg.startswith("--"):
             if not os.path.isfile(arg):
                 raise UserError(f"config file {arg!r} does not exist (configs live in config/, e.g. config/train_shakespeare_char.py)")
-            with open(arg) as f:
-                source = f.read()
+            try:
+                with open(arg, encoding="utf-8") as f:  # Python source is UTF-8, whatever the locale
+                    source = f.read()
+            except UnicodeDecodeError as e:
+                raise UserError(f"config file {arg} is not UTF-8 text ({e.reason} at byte {e.start}): "
+                                f"a config is a Python file of assignments; save it as UTF-8") from None
             before = {k: namespace[k] for k in keys}
             existing = set(namespace)
             # the config sees its own path as __file__, so that it finds the configs next to it from any

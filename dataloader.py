@@ -43,7 +43,11 @@ class BatchStream:
             path = self.path(split)
             if not os.path.exists(path):
                 raise UserError(f"no {split} data at {path}; prepare it first with: python data/{dataset}/prepare.py")
-            n = os.path.getsize(path) // 2
+            size = os.path.getsize(path)
+            if size % 2:  # uint16 tokens: an odd size is a file cut short or not a token file at all
+                raise UserError(f"{path} is {size:,} bytes, not a whole number of 2-byte tokens: it is cut short or "
+                                f"not a token file; prepare it again with python data/{dataset}/prepare.py")
+            n = size // 2
             if n < self.block_size + 1:
                 raise UserError(f"{path} has {n} tokens, fewer than block_size + 1 = {self.block_size + 1}; "
                                 f"use a smaller --block_size or more data")

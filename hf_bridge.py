@@ -11,6 +11,8 @@ architectures with a per-head query/key norm pair it with RMSNorm blocks and gat
 use a mean-subtracting LayerNorm on the heads (Persimmon, StableLM), so it is refused.
 """
 
+import os
+
 import torch
 
 from model import GPT, GPTConfig, ConfigError
@@ -121,6 +123,11 @@ def _starcoder2_to_ours(hf_sd, n_layer):
 
 def _pretrained_load_error(name_or_path, e):
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if os.path.isdir(name_or_path):  # a local folder: damaged or incomplete, and no network would help
+        if not os.path.isfile(os.path.join(name_or_path, "config.json")):
+            reason = "no config.json in it"
+        return OSError(f"could not load the Hugging Face folder {name_or_path!r} ({reason}); restore it from a "
+                       f"backup or export it again with python export_hf.py")
     return OSError(f"could not load checkpoint {name_or_path!r} ({reason}). Without a network, save it on a machine "
                    f"that has one (GPT2LMHeadModel.from_pretrained('gpt2').save_pretrained('gpt2-local')) "
                    f"and pass that directory instead")

@@ -27,26 +27,40 @@ title = ""
 # -----------------------------------------------------------------------------
 
 
-def read_metrics(path: str) -> list[dict]:
-    """The records of one metrics.jsonl, a step's latest record replacing earlier ones."""
+def metrics_file(path: str) -> str:
+    """The metrics.jsonl that a run's out_dir, or the file itself, names."""
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.jsonl")
     if not os.path.isfile(path):
         raise UserError(f"{path} not found: give a run's out_dir (train.py writes out_dir/metrics.jsonl) or the file itself")
+    return path
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of one metrics.jsonl, a step's latest record replacing earlier ones. A record cut short
+    (a '{' without its '}') is what a crash mid-write leaves, as the last line or, once a resume has started
+    the next record on a line of its own, before it: skipped, and said on stderr, so the run that most needs
+    a look can still be drawn. Any other line that is not JSON is damage."""
+    path = metrics_file(path)
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")  # the last item is what follows the last newline: b"" when the file ends whole
     records = {}
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            if raw.startswith(b"{") and not raw.rstrip().endswith(b"}"):
+                print(f"{path}, line {number}: skipped a record cut short ({len(raw)} bytes, as a crash mid-write "
+                      f"leaves it); drawing the rest", file=sys.stderr)
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{path}, line {number}: not JSON; is this a metrics.jsonl written by train.py?") from None
-            if not isinstance(record, dict) or "iter" not in record:
-                continue
-            kind = "step" if "loss" in record else "eval" if "val_loss" in record else "hellaswag" if "hellaswag_acc" in record else None
-            if kind is not None:
-                records[(kind, record["iter"])] = {**records.get((kind, record["iter"]), {}), **record}
+            raise UserError(f"{path}, line {number}: not JSON; is this a metrics.jsonl written by train.py?") from None
+        if not isinstance(record, dict) or "iter" not in record:
+            continue
+        kind = "step" if "loss" in record else "eval" if "val_loss" in record else "hellaswag" if "hellaswag_acc" in record else None
+        if kind is not None:
+            records[(kind, record["iter"])] = {**records.get((kind, record["iter"]), {}), **record}
     return [records[key] for key in sorted(records, key=lambda k: k[1])]
 
 
@@ -137,7 +151,7 @@ def main():
     for name, path in zip(names, paths):
         c = curves(read_metrics(path))
         if not c["steps"] and not c["evals"]:
-            raise UserError(f"{path} holds no logged step or evaluation yet: plot it once the run has logged one")
+            raise UserError(f"{metrics_file(path)} holds no logged step or evaluation yet: plot it once the run has logged one")
         runs.append((name, c))
     draw(runs, settings.png, settings.title)
     print(f"wrote {settings.png}")

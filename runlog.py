@@ -1,11 +1,22 @@
 """The run log: console lines for people, out_dir/metrics.jsonl for programs (and wandb when asked)."""
 
 import os
+import sys
 import json
 import math
 import errno
 
 from durable import unwritable
+
+
+def ends_inside_a_line(path: str) -> bool:
+    """Whether the file ends without its last newline: a record that a crash tore mid-write. Whoever appends
+    to it starts a new line first, so that the next record stays whole (and the torn one is skipped by readers)."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 class RunLog:
@@ -17,7 +28,11 @@ class RunLog:
         if not active:
             return
         os.makedirs(out_dir, exist_ok=True)
+        torn = ends_inside_a_line(self.path)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # unbuffered: a failed write is known at once
+        if torn:
+            os.write(self.fd, b"\n")
+            print(f"{self.path} ends in a record a crash cut short: the next one starts on a line of its own", file=sys.stderr)
         if wandb_settings is not None:
             import wandb
             self.wandb = wandb

@@ -96,7 +96,8 @@ def main():
 
     ids = tokenizer.encode(prompt) if prompt else tokenizer.start_ids
     if not ids:
-        raise UserError("the prompt is empty and this vocabulary has no start token; give some text with --start")
+        source = f"prompt file {settings.start[5:]}" if settings.start.startswith("FILE:") else "prompt"
+        raise UserError(f"the {source} is empty and this vocabulary has no start token; give some text with --start")
     x = torch.tensor(ids, dtype=torch.long, device=dev)[None, ...]
     show_stream = settings.stream if settings.stream is not None else sys.stdout.isatty()
 

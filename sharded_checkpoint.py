@@ -111,6 +111,9 @@ def shard_metadata(path: str, index: dict):
         return shard_reader(path, index).read_metadata()
     except RefusedIndex as e:
         raise UserError(f"refused to load {path}: its shard index {e}, and loading it could run code") from None
+    except FileNotFoundError:
+        raise UserError(f"the shard index (.metadata) of {path} is missing; restore the folder from a backup or "
+                        f"train again") from None
     except (pickle.UnpicklingError, EOFError, OSError, AttributeError, ValueError, TypeError) as e:
         raise UserError(f"the shard index of {path} is truncated or corrupt ({type(e).__name__}); "
                         f"restore it from a backup or train again") from None
@@ -120,7 +123,15 @@ def load_into(path: str, state: dict, index: dict | None = None) -> None:
     """Fill the tensors of `state` (nested dicts, plain tensors or DTensors) from the sharded checkpoint at
     `path`, each process reading what its own tensors need; alone when there is no process group."""
     index = index or read_index(path)
-    shard_metadata(path, index)  # checked here: DCP would unpickle it itself
+    metadata = shard_metadata(path, index)  # checked here: DCP would unpickle it itself
+    # every process checks every file, not only its own, so that all of them stop with the same line before
+    # DCP's collective load (which would fail on some ranks only, with its own traceback)
+    folder = os.path.join(path, index["shards"])
+    missing = sorted({item.relative_path for item in metadata.storage_data.values()
+                      if not os.path.isfile(os.path.join(folder, item.relative_path))})
+    if missing:
+        raise UserError(f"{path} is missing shard file(s) {', '.join(missing)} of {index['shards']}: a copy or a "
+                        f"cleanup left them out; restore the folder from a backup or train again")
     try:
         dcp.load(state, storage_reader=shard_reader(path, index), no_dist=alone())
     except dcp.api.CheckpointException as e:

@@ -2,7 +2,8 @@
 Runs train.py (arguments as given) with torch.optim.Muon's bfloat16 Newton-Schulz iteration replaced by the
 same quintic iteration in float64. The DDP/FSDP tests run Muon both ways: how far two ranks are from one
 process with float64 is the distribution's own error; the rest of the bfloat16 difference is the iteration's
-rounding of inputs that differ by the order of gradient summation.
+rounding of inputs that differ by the order of gradient summation. Imported, it only offers the iteration
+(use_float64_newton_schulz), for tests/muon_fsdp_worker.py and its one-process reference.
 """
 
 import os
@@ -25,7 +26,13 @@ def float64_newton_schulz(grad, coefficients, steps, eps):
     return (X.T if tall else X).to(grad.dtype)
 
 
-torch_muon._zeropower_via_newtonschulz = float64_newton_schulz
-from helpers import REPO  # noqa: E402  (it puts the repository on sys.path)
-sys.argv = [os.path.join(REPO, "train.py"), *sys.argv[1:]]
-runpy.run_path(sys.argv[0], run_name="__main__")
+def use_float64_newton_schulz():
+    """torch.optim.Muon's iteration, and so optimizers.Muon's, in float64 from now on in this process."""
+    torch_muon._zeropower_via_newtonschulz = float64_newton_schulz
+
+
+if __name__ == "__main__":
+    use_float64_newton_schulz()
+    from helpers import REPO  # noqa: E402  (it puts the repository on sys.path)
+    sys.argv = [os.path.join(REPO, "train.py"), *sys.argv[1:]]
+    runpy.run_path(sys.argv[0], run_name="__main__")

@@ -68,13 +68,78 @@ def script_env(**extra):
     return env
 
 
-def run_script(*args, env=None, timeout=600, check=False):
-    """Run one of the repository's scripts (train.py, sample.py, ...) from the repository root."""
-    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
-                            env=env or script_env(), timeout=timeout)
+# the scripts whose tests check what they do, not how a process behaves: run in the test's own process, which
+# saves starting Python and importing torch (2-4 s a run on 2 cores) hundreds of times per session
+IN_PROCESS_SCRIPTS = ("train.py", "sample.py", "export_hf.py", "eval_hellaswag.py", "plot.py", "bench.py")
+
+
+def run_script(*args, env=None, timeout=600, check=False, in_process=None):
+    """Run one of the repository's scripts (train.py, sample.py, ...) from the repository root, as a command
+    would: its exit status, stdout and stderr. A script of IN_PROCESS_SCRIPTS runs in this process unless
+    in_process=False (a test of signals, exit paths or the interpreter itself needs a real process)."""
+    if in_process is None:
+        in_process = args[0] in IN_PROCESS_SCRIPTS
+    if in_process:
+        result = run_in_this_process(*args, env=env)
+    else:
+        result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                                env=env or script_env(), timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def run_in_this_process(script, *args, env=None):
+    """`python script args...` from the repository root, run in this process, as a subprocess.CompletedProcess.
+    A script's main() runs through errors.run_main, as its `__main__` block does; a prepare script's main()
+    takes its folder (args[0]). The script sees its own argv, environment (script_env), working directory and
+    thread count, and what the run changed (signal handlers, the RNG) is put back after it. A traceback goes
+    to the captured stderr with exit status 1, as the interpreter would print it."""
+    import io
+    import runpy
+    import signal
+    import traceback
+    import torch
+    from errors import run_main
+    env = env or script_env()
+    saved = dict(argv=sys.argv, environ=dict(os.environ), cwd=os.getcwd(), threads=torch.get_num_threads(),
+                 signals={s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)},
+                 rng=torch.get_rng_state(), dtype=torch.get_default_dtype())
+    out, err = io.StringIO(), io.StringIO()
+    returncode = 0
+    try:
+        sys.argv = [script, *args]
+        os.environ.clear()
+        os.environ.update(env)
+        os.chdir(REPO)
+        torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                namespace = runpy.run_path(os.path.join(REPO, script), run_name="under_test")
+                if script.startswith("data/"):
+                    namespace["main"](*args)
+                else:
+                    run_main(namespace["main"])
+            except SystemExit as e:
+                if e.code is None or isinstance(e.code, int):
+                    returncode = e.code or 0
+                else:
+                    print(e.code, file=sys.stderr)
+                    returncode = 1
+            except Exception:
+                traceback.print_exc()
+                returncode = 1
+    finally:
+        sys.argv = saved["argv"]
+        os.environ.clear()
+        os.environ.update(saved["environ"])
+        os.chdir(saved["cwd"])
+        torch.set_num_threads(saved["threads"])
+        for signum, handler in saved["signals"].items():
+            signal.signal(signum, handler)
+        torch.set_rng_state(saved["rng"])
+        torch.set_default_dtype(saved["dtype"])
+    return subprocess.CompletedProcess([sys.executable, script, *args], returncode, out.getvalue(), err.getvalue())
 
 
 def sample(*args, check=True, env=None, timeout=300):
@@ -186,13 +251,16 @@ def file_bytes(path):
         return f.read()
 
 
-def folder_digest(folder):
-    """Relative path -> sha256 of every file under folder: to prove a command changed nothing there."""
+def folder_digest(*folders):
+    """Path -> sha256 of every file under the folders (relative to its folder when there is one folder): to
+    prove a command changed nothing there."""
     out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            out[os.path.relpath(path, folder)] = hashlib.sha256(file_bytes(path)).hexdigest()
+    for folder in folders:
+        for root, _, files in os.walk(folder):
+            for name in files:
+                path = os.path.join(root, name)
+                key = os.path.relpath(path, folder) if len(folders) == 1 else path
+                out[key] = hashlib.sha256(file_bytes(path)).hexdigest()
     return out
 
 
@@ -312,3 +380,50 @@ def forward_backward(fn, q, k, v, grad):
     out = fn(q, k, v)
     (out * grad).sum().backward()
     return out.detach(), q.grad, k.grad, v.grad
+
+
+# a few HellaSwag validation examples, in the real file's format
+EXAMPLES = [
+    {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+     "ctx": "A man is sitting on a roof. he", "split": "val", "split_type": "indomain", "label": 3,
+     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.", "is holding a rubik's cube.",
+                 "starts pulling up roofing on a roof."], "source_id": "activitynet~v_-JhWjGDPHMY"},
+    {"ind": 92, "activity_label": "Clean and jerk", "ctx_a": "A lady walks to a barbell. She bends down and grabs the pole.",
+     "ctx_b": "the lady", "ctx": "A lady walks to a barbell. She bends down and grabs the pole. the lady",
+     "split": "val", "split_type": "zeroshot", "label": 3,
+     "endings": ["swings and lands in her arms.", "pulls the barbell forward.", "pulls a rope attached to the barbell.",
+                 "stands and lifts the weight over her head."], "source_id": "activitynet~v_-lJS58hyo1c"},
+    {"ind": 106, "activity_label": "Canoeing",
+     "ctx_a": "Two women in a child are shown in a canoe while a man pulls the canoe while standing in the water, "
+              "with other individuals visible in the background.",
+     "ctx_b": "the child and a different man",
+     "ctx": "Two women in a child are shown in a canoe while a man pulls the canoe while standing in the water, with "
+            "other individuals visible in the background. the child and a different man",
+     "split": "val", "split_type": "indomain", "label": 2,
+     "endings": ["are then shown paddling down a river in a boat while a woman talks.",
+                 "are driving the canoe, they go down the river flowing side to side.",
+                 "sit in a canoe while the man paddles.",
+                 "walking go down the rapids, while the man in his helicopter almost falls and goes out of canoehood."],
+     "source_id": "activitynet~v_-xQvJmC2jhk"},
+    {"ind": 114, "activity_label": "Making a cake", "ctx_a": "Preheat the oven to 180 °C.", "ctx_b": "",
+     "ctx": "Preheat the oven to 180 °C.", "split": "val", "split_type": "zeroshot", "label": 0,
+     "endings": ["Mix the flour, sugar and butter in a bowl – gently.", "Put the cake in the freezer for a week.",
+                 "Pour the café crème on the naïve dog.", "Paint the oven blue."], "source_id": "wikihow~1"},
+    {"ind": 200, "activity_label": "Long context", "ctx_a": "", "ctx_b": "",
+     "ctx": "This context is much longer than the tiny model's thirty-two positions, so the evaluation has to keep only "
+            "its last tokens: the ending must always be kept whole, and the context is cut from the start. Then",
+     "split": "val", "split_type": "indomain", "label": 1,
+     "endings": ["it ends.", "the story goes on for a while and then it finally ends here.", "no.",
+                 "everything is fine and the reader can stop reading now, thank you."], "source_id": "test~long"},
+    {"ind": 300, "activity_label": "Short", "ctx_a": "The cat", "ctx_b": "", "ctx": "The cat", "split": "val",
+     "split_type": "indomain", "label": 2, "endings": ["sat.", "ran.", "sat on the mat.", "slept."], "source_id": "test~short"},
+    {"ind": 301, "activity_label": "Seven", "ctx_a": "Finally,", "ctx_b": "", "ctx": "Finally,", "split": "val",
+     "split_type": "zeroshot", "label": 1, "endings": ["yes", "no", "maybe", "the end of the examples"], "source_id": "test~7"},
+]
+
+
+def write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    return str(path)

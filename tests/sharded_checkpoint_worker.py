@@ -3,6 +3,7 @@ A tiny run for tests/test_sharded_checkpoint.py, alone or under torchrun (gloo, 
 
     python tests/sharded_checkpoint_worker.py save OUT      # under torchrun: FSDP; alone: one process
     python tests/sharded_checkpoint_worker.py load OUT [ddp]
+    python tests/sharded_checkpoint_worker.py held OUT      # under torchrun
 
 save: builds the model (under FSDP on the meta device, sharded, then initialised shard by shard), trains 2 AdamW
 steps, and writes what the test compares: OUT/init.pt (the initial weights, gathered), OUT/step2.pt (the model and
@@ -11,10 +12,14 @@ synchronously at step 2) and OUT/async.dcp (saved asynchronously at step 2, then
 whose state is OUT/step3.pt).
 load: builds the model on this world size (FSDP, or DDP with `ddp`, or one process), restores OUT/sync.dcp into it
 and its optimizer, and writes them gathered to OUT/loaded_<world size>[_ddp].pt.
+held: trains one step, saves OUT/held.dcp and loads it back with every call to DCP's save and load watched, and
+writes what each rank handed DCP to OUT/held_<rank>.json: per tensor, whether it is a DTensor, its local and its
+whole number of elements.
 """
 
 import os
 import sys
+import json
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -65,6 +70,30 @@ def gathered(model, optimizer):
     return dict(model=model_sd, optimizer=optim_sd.get("state"))  # rank 0 holds it; the others get nothing
 
 
+def tensors_of(state, prefix=""):
+    """(dotted name, tensor) for every tensor of a nested state dict."""
+    for key, value in state.items():
+        if isinstance(value, dict):
+            yield from tensors_of(value, f"{prefix}{key}.")
+        elif isinstance(value, torch.Tensor):
+            yield prefix + str(key), value
+
+
+def watch_dcp(calls):
+    """Record, for every dcp.save and dcp.load, what this process hands DCP: per tensor [is a DTensor, the
+    elements this process holds, the elements of the whole tensor]."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.tensor import DTensor
+
+    def watched(name, real):
+        def call(state, *args, **kwargs):
+            calls.append(dict(call=name, tensors={key: [isinstance(t, DTensor), (t.to_local() if isinstance(t, DTensor) else t).numel(),
+                                                        t.numel()] for key, t in tensors_of(state)}))
+            return real(state, *args, **kwargs)
+        return call
+    dcp.save, dcp.load = watched("save", dcp.save), watched("load", dcp.load)
+
+
 def main():
     mode, out = sys.argv[1], sys.argv[2]
     ddp = sys.argv[3:] == ["ddp"]
@@ -76,7 +105,15 @@ def main():
     model, runner = build(distributed, ddp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=False)
     values = dict(model_args=CONFIG.to_dict(), iter_num=2, world_size=world)
-    if mode == "save":
+    if mode == "held":
+        train_step(runner, optimizer, 0)
+        calls = []
+        watch_dcp(calls)
+        ShardedCheckpointer().save(os.path.join(out, "held.dcp"), model, optimizer, values)
+        load_training_state(os.path.join(out, "held.dcp"), model, optimizer)
+        with open(os.path.join(out, f"held_{rank}.json"), "w") as f:
+            json.dump(calls, f)
+    elif mode == "save":
         init = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
         for step in range(2):
             train_step(runner, optimizer, step)

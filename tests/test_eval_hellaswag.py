@@ -8,13 +8,14 @@ import os
 import sys
 import json
 import math
+import runpy
 import subprocess
 import importlib.util
 
 import pytest
 import torch
 
-from helpers import REPO, run_script, script_env, assert_user_error, tiny_model
+from helpers import EXAMPLES, REPO, run_script, script_env, assert_user_error, tiny_model, write_jsonl
 from common import UserError, get_tokenizer
 from checkpoint import save_checkpoint
 from hf_bridge import gpt_from_hf
@@ -28,52 +29,6 @@ import eval_hellaswag  # noqa: E402
 N_POSITIONS = 32  # small, so that the long context below is cut to fit
 
 # the original release's format: every field, as in hellaswag_val.jsonl
-EXAMPLES = [
-    {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
-     "ctx": "A man is sitting on a roof. he", "split": "val", "split_type": "indomain", "label": 3,
-     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.", "is holding a rubik's cube.",
-                 "starts pulling up roofing on a roof."], "source_id": "activitynet~v_-JhWjGDPHMY"},
-    {"ind": 92, "activity_label": "Clean and jerk", "ctx_a": "A lady walks to a barbell. She bends down and grabs the pole.",
-     "ctx_b": "the lady", "ctx": "A lady walks to a barbell. She bends down and grabs the pole. the lady",
-     "split": "val", "split_type": "zeroshot", "label": 3,
-     "endings": ["swings and lands in her arms.", "pulls the barbell forward.", "pulls a rope attached to the barbell.",
-                 "stands and lifts the weight over her head."], "source_id": "activitynet~v_-lJS58hyo1c"},
-    {"ind": 106, "activity_label": "Canoeing",
-     "ctx_a": "Two women in a child are shown in a canoe while a man pulls the canoe while standing in the water, "
-              "with other individuals visible in the background.",
-     "ctx_b": "the child and a different man",
-     "ctx": "Two women in a child are shown in a canoe while a man pulls the canoe while standing in the water, with "
-            "other individuals visible in the background. the child and a different man",
-     "split": "val", "split_type": "indomain", "label": 2,
-     "endings": ["are then shown paddling down a river in a boat while a woman talks.",
-                 "are driving the canoe, they go down the river flowing side to side.",
-                 "sit in a canoe while the man paddles.",
-                 "walking go down the rapids, while the man in his helicopter almost falls and goes out of canoehood."],
-     "source_id": "activitynet~v_-xQvJmC2jhk"},
-    {"ind": 114, "activity_label": "Making a cake", "ctx_a": "Preheat the oven to 180 °C.", "ctx_b": "",
-     "ctx": "Preheat the oven to 180 °C.", "split": "val", "split_type": "zeroshot", "label": 0,
-     "endings": ["Mix the flour, sugar and butter in a bowl – gently.", "Put the cake in the freezer for a week.",
-                 "Pour the café crème on the naïve dog.", "Paint the oven blue."], "source_id": "wikihow~1"},
-    {"ind": 200, "activity_label": "Long context", "ctx_a": "", "ctx_b": "",
-     "ctx": "This context is much longer than the tiny model's thirty-two positions, so the evaluation has to keep only "
-            "its last tokens: the ending must always be kept whole, and the context is cut from the start. Then",
-     "split": "val", "split_type": "indomain", "label": 1,
-     "endings": ["it ends.", "the story goes on for a while and then it finally ends here.", "no.",
-                 "everything is fine and the reader can stop reading now, thank you."], "source_id": "test~long"},
-    {"ind": 300, "activity_label": "Short", "ctx_a": "The cat", "ctx_b": "", "ctx": "The cat", "split": "val",
-     "split_type": "indomain", "label": 2, "endings": ["sat.", "ran.", "sat on the mat.", "slept."], "source_id": "test~short"},
-    {"ind": 301, "activity_label": "Seven", "ctx_a": "Finally,", "ctx_b": "", "ctx": "Finally,", "split": "val",
-     "split_type": "zeroshot", "label": 1, "endings": ["yes", "no", "maybe", "the end of the examples"], "source_id": "test~7"},
-]
-
-
-def write_jsonl(path, records):
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random GPT-2 in the Hugging Face format (folder) and a train.py checkpoint of the same weights."""
@@ -370,6 +325,34 @@ def test_script_refuses_character_models(tmp_path, tiny):
     line = assert_user_error(run_eval("--init_from=resume", f"--out_dir={tmp_path}", f"--data_path={tiny['data']}"))
     assert "character-level" in line
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]  # no metrics.jsonl written
+
+
+@pytest.mark.parametrize("which", [None, "best", "last"])
+def test_resume_scores_best_pt_unless_told(tmp_path, tiny, monkeypatch, capsys, which):
+    """With no --checkpoint, --init_from=resume scores best.pt (the README's promise when the run has one), here
+    the reference's weights; --checkpoint=last scores ckpt.pt (other weights, a later step). As the command line
+    runs it, in a fresh namespace."""
+    best = gpt_from_hf(tiny["folder"])
+    last = gpt_from_hf(tiny["folder"])
+    with torch.no_grad():
+        for p in last.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    save_checkpoint(dict(model=best.state_dict(), model_args=best.config.to_dict(), iter_num=40, val_loss=3.5),
+                    str(tmp_path / "best.pt"))
+    save_checkpoint(dict(model=last.state_dict(), model_args=last.config.to_dict(), iter_num=55, best_val_loss=3.5),
+                    str(tmp_path / "ckpt.pt"))
+    predictions = tmp_path / "predictions.jsonl"
+    monkeypatch.setattr(sys, "argv", ["eval_hellaswag.py", "--device=cpu", f"--out_dir={tmp_path}", f"--data_path={tiny['data']}",
+                                      f"--predictions_path={predictions}", *([f"--checkpoint={which}"] if which else [])])
+    runpy.run_path(os.path.join(REPO, "eval_hellaswag.py"), run_name="__main__")
+    said = capsys.readouterr().out
+    step, name = (55, "ckpt.pt") if which == "last" else (40, "best.pt")
+    assert f"read {tmp_path / name} (step {step}" in said, said
+    assert json.loads(metrics_text(str(tmp_path)).splitlines()[-1])["iter"] == step
+    scored = [p["sum_loss"] for p in read_predictions(predictions)]
+    of_best = [r["sum_loss"] for r in reference(tiny["hf"], EXAMPLES)]
+    close = all(abs(a - b) < 1e-3 * max(1.0, abs(b)) for ours, theirs in zip(scored, of_best) for a, b in zip(ours, theirs))
+    assert close == (which != "last"), (scored, of_best)
 
 
 

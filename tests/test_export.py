@@ -12,12 +12,14 @@ train with train.py and go through the three command lines.
 """
 
 import os
+import sys
 import json
+import runpy
 
 import pytest
 import torch
 
-from helpers import SEPARATOR, SHARED, TINY_TRAIN_ARGS, assert_user_error, logits_of, run_script, shakespeare_input, tiny_model
+from helpers import REPO, SEPARATOR, SHARED, TINY_TRAIN_ARGS, assert_user_error, logits_of, run_script, shakespeare_input, tiny_model
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, AutoTokenizer, Starcoder2Config, Starcoder2ForCausalLM  # noqa: E402
@@ -248,6 +250,53 @@ def test_destination_rules(tmp_path, chars):
     with pytest.raises(UserError, match="dtype"):
         export_hf.export(out_dir, str(tmp_path / "fp16"), dtype="float16")
     assert not os.path.exists(tmp_path / "fp16")
+
+
+
+def write_best_and_last(out_dir, chars):
+    """A run whose best.pt (step 4) and ckpt.pt (step 9, written at a stop) hold different weights, as train.py
+    writes them: ckpt.pt the state to continue from, best.pt the weights alone with their val_loss."""
+    best, last = tiny_model(seed=11, vocab_size=65), tiny_model(seed=12, vocab_size=65)
+    write_run(out_dir, last, chars, best_val_loss=1.25, iter_num=9)
+    save_checkpoint(dict(model=best.state_dict(), model_args=best.config.to_dict(), iter_num=4, val_loss=1.25, chars=chars,
+                         config=dict(dataset="shakespeare_char")), os.path.join(out_dir, "best.pt"))
+    return best, last
+
+
+def exported_weights(folder):
+    return gpt_from_hf(str(folder)).state_dict()
+
+
+def assert_weights_of(folder, model):
+    for name, value in exported_weights(folder).items():
+        torch.testing.assert_close(value, model.state_dict()[name], msg=name)
+
+
+@pytest.mark.parametrize("which", [None, "best", "last"])
+def test_the_command_line_exports_best_pt_unless_told(tmp_path, chars, monkeypatch, capsys, which):
+    """export_hf.py with no --checkpoint exports best.pt (what the README promises when the run has one);
+    --checkpoint=last the state to continue from. Run as the command line runs it, in a fresh namespace."""
+    out_dir = str(tmp_path / "run")
+    best, last = write_best_and_last(out_dir, chars)
+    folder = tmp_path / "hf"
+    monkeypatch.setattr(sys, "argv", ["export_hf.py", f"--out_dir={out_dir}", f"--hf_dir={folder}",
+                                      *([f"--checkpoint={which}"] if which else [])])
+    runpy.run_path(os.path.join(REPO, "export_hf.py"), run_name="__main__")
+    said = capsys.readouterr().out
+    if which == "last":
+        assert "ckpt.pt (step 9" in said, said
+        assert_weights_of(folder, last)
+    else:
+        assert "best.pt (step 4, val loss 1.2500)" in said, said
+        assert_weights_of(folder, best)
+
+
+def test_export_reads_best_pt_by_default(tmp_path, chars):
+    out_dir = str(tmp_path / "run")
+    best, _ = write_best_and_last(out_dir, chars)
+    _, source = export_hf.export(out_dir, str(tmp_path / "hf"))
+    assert source.startswith(f"read {os.path.join(out_dir, 'best.pt')} (step 4"), source
+    assert_weights_of(tmp_path / "hf", best)
 
 
 REFUSED = {

@@ -10,6 +10,7 @@ stand-ins; and every repository module imports with torch's API narrowed to what
 import os
 import sys
 import json
+import shlex
 import time
 import datetime
 import subprocess
@@ -29,13 +30,29 @@ REPORT_SUFFIXES = (".md", ".json", ".jsonl", ".out", ".err", ".xml", ".log")
 # -----------------------------------------------------------------------------
 # the dry run, end to end, on a fresh copy: no data/shakespeare_char/input.txt, no ../shared
 
+def documented_dry_run():
+    """The dry-run command of docs/gpu_check.md, word for word: what the tests below run."""
+    with open(os.path.join(REPO, "docs", "gpu_check.md"), encoding="utf-8") as f:
+        commands = [line.strip() for line in f if line.startswith("python experiments/gpu_check.py") and "--dry_run" in line]
+    assert len(commands) == 1, f"docs/gpu_check.md should show one dry-run command, not {commands}"
+    return shlex.split(commands[0])
+
+
+def test_the_dry_run_tested_is_the_documented_one():
+    argv = documented_dry_run()
+    assert argv[:3] == ["python", "experiments/gpu_check.py", "--dry_run"]
+    assert [a for a in argv if a.startswith("--out=")], "the dry run's report folder is where its tests look"
+
+
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("fresh")
     copy = fresh_copy(str(root / "repo"))
-    out, scratch_parent = root / "report", root / "tmp"
+    scratch_parent = root / "tmp"
     scratch_parent.mkdir()
-    result = subprocess.run([sys.executable, "experiments/gpu_check.py", "--dry_run", f"--out={out}"], cwd=copy,
+    argv = documented_dry_run()
+    out = root / "repo" / next(a for a in argv if a.startswith("--out=")).split("=", 1)[1]
+    result = subprocess.run([sys.executable, *argv[1:]], cwd=copy,
                             capture_output=True, text=True, env=script_env(TMPDIR=str(scratch_parent)), timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     with open(out / "report.json") as f:
@@ -317,7 +334,7 @@ def test_a_failing_check_does_not_stop_the_others(tmp_path):
     assert "x\\|y" in text  # a cell's | does not break the table
 
 
-def run_in_process(monkeypatch, capsys, *args):
+def gpu_check_main(monkeypatch, capsys, *args):
     """gpu_check's main() as the command line runs it; returns (exit code, stderr)."""
     monkeypatch.setattr(sys, "argv", ["experiments/gpu_check.py", *args])
     with pytest.raises(SystemExit) as exit_info:
@@ -334,12 +351,12 @@ def assert_one_line(code, stderr, *fragments):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="here the command would run the GPU checks")
 def test_no_gpu_without_dry_run_is_one_line(tmp_path, monkeypatch, capsys):
-    assert_one_line(*run_in_process(monkeypatch, capsys, f"--out={tmp_path / 'report'}"), "no CUDA GPU", "--dry_run")
+    assert_one_line(*gpu_check_main(monkeypatch, capsys, f"--out={tmp_path / 'report'}"), "no CUDA GPU", "--dry_run")
     assert not (tmp_path / "report").exists()
 
 
 def test_unknown_check_is_one_line(tmp_path, monkeypatch, capsys):
-    code, stderr = run_in_process(monkeypatch, capsys, "--dry_run", "--only=bench,speed", f"--out={tmp_path / 'report'}")
+    code, stderr = gpu_check_main(monkeypatch, capsys, "--dry_run", "--only=bench,speed", f"--out={tmp_path / 'report'}")
     assert_one_line(code, stderr, "--only", "'speed'", "cuda_tests")
     assert not (tmp_path / "report").exists()
 

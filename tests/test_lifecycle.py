@@ -22,7 +22,7 @@ import torch
 from helpers import (CHILD_TIMEOUT, REPO, STOPPED_EXIT, TINY_TRAIN_ARGS, assert_same_weights, file_bytes, free_port,
                      load_saved, losses, read_metrics, run_script, script_env, start_run, stop_after, tiny_run_args,
                      watchdog, weights)
-from test_eval_hellaswag import EXAMPLES, write_jsonl
+from helpers import EXAMPLES, write_jsonl
 
 # the uninterrupted single-process run the stops, resumes and kills below are compared with
 UNINTERRUPTED_ARGS = ["--max_iters=24", "--eval_interval=4", "--dropout=0.1"]

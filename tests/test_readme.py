@@ -11,7 +11,9 @@ extracted.
 Then (marked slow) every command runs, document by document in the README's link order and in each
 document's own order, in one scratch copy of the repository (the files a clone has), so that a command
 finds what the commands before it made, as a reader following the pages would. Tiny sizes come from
-overrides appended to the command (later values win), chosen per kind of command by its handler. What needs
+overrides appended to the command (later values win), chosen per kind of command by its handler (`shrunk`):
+a documented value they would hide is first checked by the script's own check of its settings, and a script
+without one is shrunk only through the settings its command leaves unset. What needs
 the network here is replaced by stand-ins the test makes: tiny Shakespeare from ../shared, a small random
 GPT-2 saved by `transformers` in a Hugging Face cache (so `--init_from=gpt2` finds "gpt2" offline), a few
 examples in HellaSwag's release format, and for the hub's datasets an in-memory data set of documents in
@@ -27,13 +29,16 @@ import re
 import sys
 import json
 import shlex
+import importlib
 import subprocess
+from types import SimpleNamespace
 from dataclasses import dataclass
 from collections.abc import Callable
 
 import pytest
 
 from helpers import REPO, SHARED, free_port, fresh_copy, script_env, shakespeare_input
+from common import UserError
 
 TIMEOUT = 300  # seconds for one command
 README_LIMIT = 15_500  # bytes: a front page of about nanoGPT's length (its README is ~14 KB)
@@ -123,7 +128,7 @@ class Scratch:
         import shutil
         for name in ("shakespeare_char", "shakespeare"):  # what the prepare scripts would download
             shutil.copy(shakespeare_input(), os.path.join(self.repo, "data", name, "input.txt"))
-        from test_eval_hellaswag import EXAMPLES
+        from helpers import EXAMPLES
         with open(os.path.join(self.repo, "data", "hellaswag", "hellaswag_val.jsonl"), "w") as f:
             f.writelines(json.dumps(example) + "\n" for example in EXAMPLES)
         save_gpt2_stand_in(os.path.join(self.env["HF_HOME"], "hub"))
@@ -191,16 +196,62 @@ def script_args(argv, name):
     return argv[argv.index(name) + 1:]
 
 
-def train_settings(scratch, args):
-    """train.py's settings after these arguments (config files and overrides), read as train.py reads them."""
-    import train
-    from configurator import apply_overrides
+# a script's own check of all its settings: (read_settings' nullable keys, the function), both of the script
+SETTINGS_CHECKS = {"train.py": ((), "validate_settings"), "sample.py": (("top_k",), "check_settings"),
+                   "bench.py": ((), "check_settings")}
+
+
+class DocumentedSettingRefused(Exception):
+    """A documented command whose own settings its script refuses: reported as that command's failure."""
+
+
+def in_scratch(scratch, function, *args):
+    """function(*args) in the scratch repository, where the commands run (config files, out_dir, folders)."""
     cwd = os.getcwd()
     os.chdir(scratch.repo)
     try:
-        return apply_overrides(dict(vars(train)), args)
+        return function(*args)
     finally:
         os.chdir(cwd)
+
+
+def script_settings(scratch, script, args, assigned=None):
+    """A script's settings after these arguments (config files and overrides), read as the script reads them;
+    `assigned` receives the names the arguments set."""
+    from configurator import apply_overrides
+    module = importlib.import_module(script.removesuffix(".py"))
+    nullable = SETTINGS_CHECKS.get(script, ((), None))[0]
+    return in_scratch(scratch, apply_overrides, dict(vars(module)), args, nullable, assigned)
+
+
+def train_settings(scratch, args):
+    """train.py's settings after these arguments (config files and overrides), read as train.py reads them."""
+    return script_settings(scratch, "train.py", args)
+
+
+def shrunk(scratch, script, args, tiny):
+    """
+    A command's arguments with the test's tiny overrides after them. An override of a setting the command leaves
+    unset hides nothing the docs say; one of a setting it sets (on its line or in its config file) would hide the
+    documented value, so the script's own check (SETTINGS_CHECKS) first takes the command's settings as written
+    (DocumentedSettingRefused if it refuses them). A script without such a check keeps every value its command sets.
+    """
+    if not tiny:
+        return list(args)
+    assigned = set()
+    settings = script_settings(scratch, script, args, assigned)
+    hidden = assigned & {override[2:].split("=", 1)[0] for override in tiny}
+    if not hidden:
+        return [*args, *tiny]
+    if script not in SETTINGS_CHECKS:
+        return [*args, *(override for override in tiny if override[2:].split("=", 1)[0] not in hidden)]
+    module = importlib.import_module(script.removesuffix(".py"))
+    try:
+        in_scratch(scratch, getattr(module, SETTINGS_CHECKS[script][1]), SimpleNamespace(**settings))
+    except UserError as e:
+        raise DocumentedSettingRefused(f"{script} refuses the command's own settings (before the test shrinks "
+                                       f"{', '.join(sorted(hidden))}): {e}") from None
+    return [*args, *tiny]
 
 
 def tiny_train_args(scratch, args, processes=1):
@@ -253,29 +304,30 @@ def checkpoint_shapes(path):
 
 def run_train(scratch, argv):
     args = script_args(argv, "train.py")
-    return [scratch.run([sys.executable, "train.py", *args, *tiny_train_args(scratch, args)])]
+    return [scratch.run([sys.executable, "train.py", *shrunk(scratch, "train.py", args, tiny_train_args(scratch, args))])]
 
 
-def torchrun_argv(argv, script, extra, processes, **launcher):
-    """A torchrun command as `python -m torch.distributed.run`, with processes per node and launcher options replaced."""
+def torchrun_argv(argv, script, script_argv, processes, **launcher):
+    """A torchrun command as `python -m torch.distributed.run`, with processes per node and launcher options replaced,
+    running script with script_argv."""
     split = argv.index(script)
     options = [a for a in argv[1:split] if a.split("=")[0].lstrip("-") not in {"nproc_per_node", *launcher}]
     options += [f"--nproc_per_node={processes}"] + [f"--{k}={v}" for k, v in launcher.items()]
-    return [sys.executable, "-m", "torch.distributed.run", *options, script, *argv[split + 1:], *extra]
+    return [sys.executable, "-m", "torch.distributed.run", *options, script, *script_argv]
 
 
 def run_torchrun(scratch, argv):
     script = "train.py" if "train.py" in argv else "eval_hellaswag.py"
     args = script_args(argv, script)
     if script == "train.py":
-        extra = tiny_train_args(scratch, args, processes=2)
+        script_argv = shrunk(scratch, script, args, tiny_train_args(scratch, args, processes=2))
     else:
-        extra = ["--device=cpu", "--max_examples=4"]
+        script_argv = shrunk(scratch, script, args, EVAL_TINY)
     if not any(a.startswith("--nnodes") for a in argv):
-        return [scratch.run(torchrun_argv(argv, script, extra, 2))]
+        return [scratch.run(torchrun_argv(argv, script, script_argv, 2))]
     # two nodes: both launches on this machine, one process each, meeting at a free local port
     port = free_port()
-    nodes = [subprocess.Popen(torchrun_argv(argv, script, extra, 1, node_rank=rank, master_addr="127.0.0.1", master_port=port),
+    nodes = [subprocess.Popen(torchrun_argv(argv, script, script_argv, 1, node_rank=rank, master_addr="127.0.0.1", master_port=port),
                               cwd=scratch.repo, env=scratch.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for rank in (0, 1)]
     results = []
@@ -292,15 +344,14 @@ def run_torchrun(scratch, argv):
 
 def run_with_overrides(script, extra):
     def run(scratch, argv):
-        return [scratch.run([sys.executable, script, *script_args(argv, script), *extra])]
+        return [scratch.run([sys.executable, script, *shrunk(scratch, script, script_args(argv, script), extra)])]
     return run
 
 
-def run_bench(scratch, argv):
-    args = script_args(argv, "bench.py")
-    tiny = [*TINY_MODEL, "--device=cpu", "--batch_size=2", "--steps=1", "--warmup_steps=1", "--seq_lens=(64, 128)",
-            "--bench_window=16", "--attn_repeats=1", "--prompt_len=4", "--new_tokens=8", "--gen_batch_size=2", "--gen_repeats=1"]
-    return [scratch.run([sys.executable, "bench.py", *args, *tiny])]
+SAMPLE_TINY = ["--device=cpu", "--num_samples=1", "--max_new_tokens=8"]
+EVAL_TINY = ["--device=cpu", "--max_examples=4"]
+BENCH_TINY = [*TINY_MODEL, "--device=cpu", "--batch_size=2", "--steps=1", "--warmup_steps=1", "--seq_lens=(64, 128)",
+              "--bench_window=16", "--attn_repeats=1", "--prompt_len=4", "--new_tokens=8", "--gen_batch_size=2", "--gen_repeats=1"]
 
 
 def run_prepare(scratch, argv):
@@ -330,12 +381,10 @@ HANDLERS = [
             run_prepare),
     Handler("train.py", lambda a: python_script(a, "train.py"), run_train),
     Handler("torchrun", lambda a: torchrun_script(a, "train.py") or torchrun_script(a, "eval_hellaswag.py"), run_torchrun),
-    Handler("sample.py", lambda a: python_script(a, "sample.py"),
-            run_with_overrides("sample.py", ["--device=cpu", "--num_samples=1", "--max_new_tokens=8"])),
+    Handler("sample.py", lambda a: python_script(a, "sample.py"), run_with_overrides("sample.py", SAMPLE_TINY)),
     Handler("export_hf.py", lambda a: python_script(a, "export_hf.py"), run_with_overrides("export_hf.py", [])),
-    Handler("eval_hellaswag.py", lambda a: python_script(a, "eval_hellaswag.py"),
-            run_with_overrides("eval_hellaswag.py", ["--device=cpu", "--max_examples=4"])),
-    Handler("bench.py", lambda a: python_script(a, "bench.py"), run_bench),
+    Handler("eval_hellaswag.py", lambda a: python_script(a, "eval_hellaswag.py"), run_with_overrides("eval_hellaswag.py", EVAL_TINY)),
+    Handler("bench.py", lambda a: python_script(a, "bench.py"), run_with_overrides("bench.py", BENCH_TINY)),
     Handler("plot.py", lambda a: python_script(a, "plot.py"), run_with_overrides("plot.py", [])),
 ]
 
@@ -418,6 +467,21 @@ def test_extraction_of_blocks(tmp_path, monkeypatch):
     assert found[-1].script == "#!/bin/bash\necho hi"
 
 
+def test_shrinking_never_hides_a_documented_value_unchecked():
+    """A documented value the tiny overrides would replace is first checked by the script's own check; a script
+    without one keeps the documented value."""
+    here = SimpleNamespace(repo=REPO)
+    assert shrunk(here, "sample.py", ["--start=ROMEO:"], SAMPLE_TINY) == ["--start=ROMEO:", *SAMPLE_TINY]
+    assert shrunk(here, "sample.py", ["--num_samples=2"], SAMPLE_TINY) == ["--num_samples=2", *SAMPLE_TINY]
+    with pytest.raises(DocumentedSettingRefused, match="num_samples"):
+        shrunk(here, "sample.py", ["--num_samples=0"], SAMPLE_TINY)
+    with pytest.raises(DocumentedSettingRefused, match="gen_repeats"):
+        shrunk(here, "bench.py", ["--gen_repeats=0"], BENCH_TINY)
+    with pytest.raises(DocumentedSettingRefused, match="min_lr"):  # a config file's values are documented values too
+        shrunk(here, "train.py", ["config/train_shakespeare_char_cpu.py", "--min_lr=1.0"], ["--max_iters=2"])
+    assert shrunk(here, "eval_hellaswag.py", ["--max_examples=10"], EVAL_TINY) == ["--max_examples=10", "--device=cpu"]
+
+
 def test_readme_is_a_front_page():
     size = os.path.getsize(os.path.join(REPO, "README.md"))
     assert size <= README_LIMIT, f"README.md is {size:,} bytes: move details to docs/ (limit {README_LIMIT:,})"
@@ -454,7 +518,11 @@ def run_document(scratch, doc):
                 continue
             handler = handler_for(command)
             assert handler is not None, f"no handler for {command}"
-            results = check_script(scratch, command) if command.script else handler.run(scratch, command.argv)
+            try:
+                results = check_script(scratch, command) if command.script else handler.run(scratch, command.argv)
+            except DocumentedSettingRefused as e:
+                failures.append((earlier, f"{command}\n  {e}"))
+                continue
             for result in results:
                 missing = [text for text in expected_output(command) if text not in result.stdout + result.stderr]
                 if result.returncode != 0 or missing:

@@ -87,6 +87,40 @@ def test_prompt_file_that_is_not_utf8(monkeypatch, tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# which checkpoint was read, and the validation loss that belongs to it
+
+@pytest.mark.parametrize("which, said", [
+    ("best", "best.pt (step 8, val loss 1.5000)"),  # best.pt's own loss
+    ("last", "ckpt.pt (step 12, best val loss so far 1.5000)"),  # written at a stop: no loss of its own
+    ("auto", "best.pt (step 8, val loss 1.5000)"),
+])
+def test_the_loss_said_is_the_one_of_the_file_read(monkeypatch, capsys, tmp_path, which, said):
+    """A run stopped at step 12 after its best evaluation at step 8: ckpt.pt's step is not 8's, so its line must
+    not give step 8's loss as its own."""
+    from checkpoint import save_checkpoint
+    from helpers import tiny_model
+    chars = [chr(c) for c in range(32, 32 + 64)]
+    model = tiny_model(vocab_size=64)
+    weights = dict(model=model.state_dict(), model_args=model.config.to_dict(), chars=chars, config={})
+    save_checkpoint(dict(weights, iter_num=8, val_loss=1.5), str(tmp_path / "best.pt"))
+    save_checkpoint(dict(weights, iter_num=12, best_val_loss=1.5, evaluated=False), str(tmp_path / "ckpt.pt"))
+    run_main_in_process(monkeypatch, f"--out_dir={tmp_path}", f"--checkpoint={which}", "--start=A", "--max_new_tokens=2",
+                        "--num_samples=1", "--stream=False")
+    stderr = capsys.readouterr().err
+    assert f"; read {tmp_path / said}" in stderr, stderr
+
+
+def test_a_checkpoint_before_any_evaluation_says_no_loss(monkeypatch, capsys, tmp_path):
+    from checkpoint import save_checkpoint
+    from helpers import tiny_model
+    model = tiny_model(vocab_size=64)
+    save_checkpoint(dict(model=model.state_dict(), model_args=model.config.to_dict(), chars=[chr(c) for c in range(32, 96)],
+                         iter_num=3, best_val_loss=float("inf"), evaluated=False), str(tmp_path / "ckpt.pt"))
+    run_main_in_process(monkeypatch, f"--out_dir={tmp_path}", "--start=A", "--max_new_tokens=2", "--num_samples=1", "--stream=False")
+    stderr = capsys.readouterr().err
+    assert stderr.rstrip().endswith(f"; read {tmp_path / 'ckpt.pt'} (step 3)"), stderr
+
+# -----------------------------------------------------------------------------
 # generation from a Hugging Face folder, against transformers
 
 @pytest.fixture(scope="module")

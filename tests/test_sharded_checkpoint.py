@@ -356,6 +356,27 @@ def test_fsdp_shards_load_on_another_world_size(fsdp_run, nproc, mode):
     assert_same(loaded, load_gathered(fsdp_run / "step2.pt"))
 
 
+def test_each_rank_saves_and_loads_only_its_own_shards(tmp_path):
+    """Under FSDP on 2 processes, what each rank hands DCP to save and to load is its shards (DTensors holding
+    about half of each weight and moment), never a gathered copy: together the ranks hold each element once."""
+    result = torchrun(2, "held", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    calls = [json.loads((tmp_path / f"held_{rank}.json").read_text()) for rank in range(2)]
+    for rank_calls in calls:
+        assert [c["call"] for c in rank_calls] == ["save", "load"]
+    for i, call in enumerate(("save", "load")):
+        tensors = [rank_calls[i]["tensors"] for rank_calls in calls]
+        assert tensors[0].keys() == tensors[1].keys()
+        matrices = [k for k, (_, _, whole) in tensors[0].items() if whole > 1]  # AdamW's step counts are scalars
+        assert any(k.startswith("model.") for k in matrices) and any(k.startswith("optimizer.") for k in matrices)
+        for key in matrices:
+            assert all(t[key][0] for t in tensors), f"{call}: {key} is not a DTensor"
+            assert tensors[0][key][1] + tensors[1][key][1] == tensors[0][key][2], (call, key, tensors[0][key], tensors[1][key])
+        for t in tensors:
+            held, whole = sum(t[k][1] for k in matrices), sum(t[k][2] for k in matrices)
+            assert 0.4 * whole < held < 0.6 * whole, (call, held, whole)
+
+
 def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(small_disk):
     model, optimizer = trained_tiny()
     path = os.path.join(small_disk, "ckpt.dcp")

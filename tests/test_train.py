@@ -24,7 +24,7 @@ from model import GPT, GPTConfig
 from common import UserError
 from helpers import (CHAR_MODEL_ARGS, SHORT_RUN, TINY_TRAIN_ARGS, assert_user_error, folder_digest, read_metrics,
                      run_script, sample, split_samples, tiny_run_args, torchrun)
-from test_eval_hellaswag import EXAMPLES, write_jsonl
+from helpers import EXAMPLES, write_jsonl
 
 STEP_SETTINGS = dict(gradient_accumulation_steps=2, batch_size=3, fsdp=False, seed=7, out_dir="unused", grad_clip=1.0)
 
