@@ -142,6 +142,7 @@ def test_tiny_checkpoint_greedy_continuation_matches_transformers(tiny_checkpoin
     assert len(set(ref[0, idx.shape[1]:].tolist())) > 1  # not a degenerate single-token repeat
 
 
+@pytest.mark.slow  # a 124M-parameter model built, saved, loaded and decoded on CPU: ~30 s
 def test_gpt2_small_shape_checkpoint_matches_transformers(tmp_path):
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(hf_config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)).eval()
