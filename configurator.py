@@ -111,5 +111,6 @@ def apply_overrides(namespace: dict, args: list[str], nullable: Collection[str] 
 
 def read_settings(namespace: dict, args: list[str], nullable: Collection[str] = (), assigned: set | None = None) -> types.SimpleNamespace:
     """A script's settings after its config files and --key=value overrides (apply_overrides), as one object:
-    settings.out_dir. main() makes it and passes it to the functions that need a setting."""
-    return types.SimpleNamespace(**apply_overrides(namespace, args, nullable, assigned))
+    settings.out_dir. main() makes it and passes it to the functions that need a setting. The script's globals
+    keep their defaults (a copy is overridden), so a second main() in one process starts from them again."""
+    return types.SimpleNamespace(**apply_overrides(dict(namespace), args, nullable, assigned))

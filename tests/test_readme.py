@@ -292,7 +292,7 @@ def checkpoint_shapes(path):
     checkpoint.json holds everything but the tensors), over those of the command's config."""
     import torch
     from durable import SHARDED_INDEX_NAME
-    from train import ARCHITECTURE_SETTINGS
+    from checkpoint import ARCHITECTURE_SETTINGS
     if os.path.isdir(path):
         with open(os.path.join(path, SHARDED_INDEX_NAME)) as f:
             saved = json.load(f)["model_args"]

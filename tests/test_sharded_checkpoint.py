@@ -359,7 +359,7 @@ def test_fsdp_shards_load_on_another_world_size(fsdp_run, nproc, mode):
 def test_each_rank_saves_and_loads_only_its_own_shards(tmp_path):
     """Under FSDP on 2 processes, what each rank hands DCP to save and to load is its shards (DTensors holding
     about half of each weight and moment), never a gathered copy: together the ranks hold each element once."""
-    result = torchrun(2, "held", str(tmp_path))
+    result = torchrun(2, WORKER, "held", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     calls = [json.loads((tmp_path / f"held_{rank}.json").read_text()) for rank in range(2)]
     for rank_calls in calls:

@@ -166,8 +166,6 @@ def test_settings_out_of_range_are_refused_before_any_work(monkeypatch, tmp_path
             train.validate_settings(SimpleNamespace(**dict(good, **{key: bad})))
     # and train.main checks them first: a bad one ends it before the data is read, a process group is started
     # or out_dir is made
-    for key in good:  # main reads its settings into train's namespace: monkeypatch puts them back afterwards
-        monkeypatch.setattr(train, key, getattr(train, key))
     work = []
 
     def reading(data_dir):
@@ -179,6 +177,7 @@ def test_settings_out_of_range_are_refused_before_any_work(monkeypatch, tmp_path
     with pytest.raises(UserError, match="learning_rate"):
         train.main()
     assert work == [] and not (tmp_path / "out").exists()
+    assert vars(read_settings(dict(vars(train)), [])) == good  # main overrides a copy: train's defaults stay
 
 
 def test_schedule_rules_apply_only_with_decay(tmp_path):
