@@ -99,7 +99,7 @@ def test_grad_scaler_skips_the_step_when_gradients_overflow(toy_stream):
         assert float(state["step"]) == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
 
 
-def test_grad_scaler_state_goes_into_the_checkpoint_and_back(toy_stream, tmp_path):
+def test_optimizer_and_grad_scaler_state_go_into_the_checkpoint_and_back(toy_stream, tmp_path):
     model, optimizer, scaler = make_run(toy_stream, scaler_enabled=True, init_scale=2.0**5)
     scaler._growth_interval = 1  # grow after every clean step, so the state differs from a fresh scaler
     step(model, optimizer, scaler, toy_stream)
@@ -114,6 +114,10 @@ def test_grad_scaler_state_goes_into_the_checkpoint_and_back(toy_stream, tmp_pat
     checkpoint.restore_training_state(saved, fresh_model, fresh_optimizer, fresh_scaler)
     assert fresh_scaler.get_scale() == 2.0**6
     assert fresh_scaler.state_dict() == scaler.state_dict()
+    for p, q in zip(model.parameters(), fresh_model.parameters()):  # AdamW's moments: a resume continues them
+        assert optimizer.state[p].keys() == fresh_optimizer.state[q].keys() != set()
+        for key, value in optimizer.state[p].items():
+            assert torch.equal(fresh_optimizer.state[q][key], value), key
 
 
 # -----------------------------------------------------------------------------
