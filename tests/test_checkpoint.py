@@ -8,6 +8,7 @@ refuses, and a full disk as one line with the previous checkpoint intact.
 
 import os
 import sys
+import stat
 import signal
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import subprocess
 import pytest
 import torch
 
+import durable
 from helpers import (REPO, STOPPED_EXIT, RunsCode, assert_user_error, file_bytes, fill, folder_digest, load_saved, losses,
                      read_metrics, run_script, script_env, start_run, stop_after, tiny_run_args, watchdog)
 
@@ -117,6 +119,28 @@ def test_sigkill_during_checkpoint_write_never_tears_the_file(tmp_path, where):
     assert os.path.getsize(path + ".tmp") > 4_000_000  # the new checkpoint was being written
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["version"] == 2 and torch.all(checkpoint["data"] == 2.0)
+
+
+def test_an_atomic_write_is_synced_then_renamed_then_the_rename_synced(tmp_path, monkeypatch):
+    """What a kill cannot show but a power cut would: the new file's bytes reach the disk before the rename makes
+    it the file, and the rename itself is made durable by syncing the folder."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("sync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else f"sync file of {os.fstat(fd).st_size} bytes")
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(f"rename {os.path.basename(src)} -> {os.path.basename(dst)}")
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"old")
+    durable.write_atomically(str(path), lambda f: f.write(b"new bytes"))
+    assert events == ["sync file of 9 bytes", "rename ckpt.pt.tmp -> ckpt.pt", "sync folder"]
+    assert path.read_bytes() == b"new bytes" and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
 @pytest.mark.parametrize("script", ["train.py", "sample.py"])

@@ -1,5 +1,6 @@
 """common.py: the dtype and device chosen for the hardware there is (CUDA faked at the torch.cuda boundary),
-and the character vocabulary read from a data set's meta.json."""
+and the character vocabulary read from a data set's meta.json; errors.py: how a script ends on a user error,
+a bug or a status."""
 
 import json
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 import common
+from errors import run_main
 from common import UserError, pick_device, pick_dtype, read_char_vocab
 
 
@@ -159,3 +161,25 @@ def test_device_peak_flops_by_device_name(monkeypatch, name, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert common.device_peak_flops("cuda:0") == peak
     assert common.device_peak_flops("cpu") is None
+
+
+# -----------------------------------------------------------------------------
+# errors.run_main: a user error is one line and exit status 1; a bug keeps its traceback; a status is the exit status
+
+def test_run_main_ends_a_user_error_in_one_line_and_a_bug_with_its_traceback(capsys):
+    def mistake():
+        raise UserError("--n_layer must be at least 1")
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(mistake)
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == "error: --n_layer must be at least 1\n"
+
+    def bug():
+        raise ZeroDivisionError("a bug")
+    with pytest.raises(ZeroDivisionError):  # not turned into a line: the traceback is what finds a bug
+        run_main(bug)
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: 75)
+    assert exit_info.value.code == 75
+    run_main(lambda: None)  # a finished script returns normally

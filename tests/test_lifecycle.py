@@ -56,6 +56,35 @@ def test_stop_during_evaluation_is_honoured_between_batches(data_root, tmp_path,
     assert not os.path.exists(os.path.join(out, "best.pt"))
 
 
+# train.py with a stop request arriving while each checkpoint is being written (a signal at that moment)
+STOP_WHILE_SAVING = """
+import os, sys
+sys.path.insert(0, os.getcwd())
+import train, common, stopping
+real_save_run = train.save_run
+def save_run(*args, **kwargs):
+    stopping.StopRequest.requested = True
+    return real_save_run(*args, **kwargs)
+train.save_run = save_run
+sys.argv = ["train.py", *sys.argv[1:]]
+common.run_main(train.main)
+"""
+
+
+def test_stop_while_a_checkpoint_is_written_is_honoured_right_after_it(data_root, tmp_path):
+    """The checkpoint just written is the one to resume from: no further step, no second write."""
+    script = tmp_path / "stop_while_saving.py"
+    script.write_text(STOP_WHILE_SAVING)
+    out = str(tmp_path / "run")
+    result = run_script(str(script), *tiny_run_args(data_root, out)[1:], timeout=300)
+    assert result.returncode == STOPPED_EXIT, result.stderr
+    checkpoint = load_saved(out, "ckpt.pt")
+    assert (checkpoint["iter_num"], checkpoint["evaluated"]) == (0, True)
+    lines = result.stdout.splitlines()
+    assert len([line for line in lines if line.startswith("saved ")]) == 1 and not any(line.startswith("iter ") for line in lines)
+    assert "stopped at step 0 on request" in result.stdout
+
+
 def test_stop_during_hellaswag_is_honoured_between_chunks(data_root, tmp_path):
     examples = write_jsonl(tmp_path / "hellaswag.jsonl", EXAMPLES * 2000)  # far more than the test waits for
     out = str(tmp_path / "run")

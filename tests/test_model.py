@@ -93,6 +93,23 @@ def test_gpt2_small_parameter_count():
     assert model.get_num_params(non_embedding=True) == 124_439_808 - 1024 * 768
 
 
+def test_initialisation_is_gpt2s():
+    """GPT-2's init: N(0, 0.02) for the matrices and embeddings, the projections into the residual stream scaled
+    down by 1/sqrt(2 * n_layer) (two per block), zero biases, unit LayerNorm gains."""
+    torch.manual_seed(0)
+    n_layer = 8
+    model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=n_layer, n_head=4, n_embd=128))
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            assert p.std().item() == pytest.approx(0.02 / (2 * n_layer) ** 0.5, rel=0.05), name
+        elif p.dim() == 2:
+            assert p.std().item() == pytest.approx(0.02, rel=0.05), name
+        elif "ln_" in name and name.endswith("weight"):
+            assert torch.all(p == 1), name
+        else:
+            assert torch.all(p == 0), name
+
+
 def test_tokenizer_files_are_real_gpt2(tiny_checkpoint):
     # the HF tokenizer built from ../shared's files and tiktoken's gpt2 agree on the prompt
     tiktoken = pytest.importorskip("tiktoken")

@@ -43,6 +43,18 @@ def test_curves_by_hand(tmp_path):
     assert [(r["iter"], r["hellaswag_acc_norm"]) for r in c["hellaswag"]] == [(4, 0.5)]
 
 
+def test_records_torn_by_a_crash_are_skipped_wherever_they_are(tmp_path, capsys):
+    """A crash mid-write tears the record being written, the first of a run as well as any later one; once
+    resumed, the next record starts on a line of its own (runlog.py). Each torn line is skipped and said."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    whole = [json.dumps(r) for r in RUN[1:4]]
+    (folder / "metrics.jsonl").write_text('{"iter": 0, "lo\n' + "\n".join(whole[:2]) + '\n{"iter": 2, "train\n' + whole[2] + "\n")
+    assert plot.read_metrics(str(folder)) == [RUN[1], RUN[2], RUN[3]]
+    err = capsys.readouterr().err
+    assert "line 1: skipped a record cut short" in err and "line 4: skipped a record cut short" in err
+
+
 def test_draws_a_png_of_several_runs(tmp_path):
     pytest.importorskip("matplotlib")
     a = write_metrics(tmp_path / "a", RUN)

@@ -19,6 +19,7 @@ import torch
 import train
 import checkpoint
 from configurator import read_settings
+from runlog import RunLog
 import model as model_module
 from model import GPT, GPTConfig
 from common import UserError
@@ -98,7 +99,7 @@ def test_grad_scaler_skips_the_step_when_gradients_overflow(toy_stream):
         assert float(state["step"]) == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
 
 
-def test_grad_scaler_state_goes_into_the_checkpoint_and_back(toy_stream, tmp_path):
+def test_optimizer_and_grad_scaler_state_go_into_the_checkpoint_and_back(toy_stream, tmp_path):
     model, optimizer, scaler = make_run(toy_stream, scaler_enabled=True, init_scale=2.0**5)
     scaler._growth_interval = 1  # grow after every clean step, so the state differs from a fresh scaler
     step(model, optimizer, scaler, toy_stream)
@@ -113,6 +114,10 @@ def test_grad_scaler_state_goes_into_the_checkpoint_and_back(toy_stream, tmp_pat
     checkpoint.restore_training_state(saved, fresh_model, fresh_optimizer, fresh_scaler)
     assert fresh_scaler.get_scale() == 2.0**6
     assert fresh_scaler.state_dict() == scaler.state_dict()
+    for p, q in zip(model.parameters(), fresh_model.parameters()):  # AdamW's moments: a resume continues them
+        assert optimizer.state[p].keys() == fresh_optimizer.state[q].keys() != set()
+        for key, value in optimizer.state[p].items():
+            assert torch.equal(fresh_optimizer.state[q][key], value), key
 
 
 # -----------------------------------------------------------------------------
@@ -150,6 +155,17 @@ def test_grad_checkpoint_gives_the_same_step(toy_stream):
     assert step(*plain, toy_stream)[:2] == pytest.approx(step(*recomputed, toy_stream)[:2], rel=1e-6)
     for a, b in zip(plain[0].parameters(), recomputed[0].parameters()):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_accumulated_micro_batches_step_like_one_batch_of_them_all(toy_stream):
+    """gradient_accumulation_steps micro-batches of batch_size rows give the gradient of one batch of all their
+    rows (each micro-batch's loss divided by their number): the same loss, gradient norm and weights."""
+    accumulated, whole = make_run(toy_stream, scaler_enabled=False), make_run(toy_stream, scaler_enabled=False)
+    a = step(*accumulated, toy_stream, gradient_accumulation_steps=2, batch_size=3)
+    b = step(*whole, toy_stream, gradient_accumulation_steps=1, batch_size=6)
+    assert a[:2] == pytest.approx(b[:2], rel=1e-5)
+    for p, q in zip(accumulated[0].parameters(), whole[0].parameters()):
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=0)  # an update is ~lr = 1e-2; float rounding, far less
 
 
 # -----------------------------------------------------------------------------
@@ -364,6 +380,20 @@ def test_eval_only_on_a_checkpoint_evaluates_and_changes_no_checkpoint(data_root
     assert last["iter"] == 2 and "val_loss" in last
     assert folder_digest(existing_run)["ckpt.pt"] == ckpt_before
 
+
+def test_the_run_log_appends_across_restarts_and_starts_after_a_torn_record(tmp_path):
+    """metrics.jsonl is never truncated: a resumed run appends to it, and a record a crash cut short is left
+    on its own line, the next record whole on the line after."""
+    log = RunLog(str(tmp_path), active=True)
+    log.metrics(dict(iter=0, loss=4.0))
+    log.close()
+    with open(tmp_path / "metrics.jsonl", "ab") as f:
+        f.write(b'{"iter": 1, "lo')  # a crash mid-write
+    log = RunLog(str(tmp_path), active=True)  # the resume
+    log.metrics(dict(iter=1, loss=float("nan")))
+    log.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert lines[1] == '{"iter": 1, "lo' and [json.loads(lines[i]) for i in (0, 2)] == [{"iter": 0, "loss": 4.0}, {"iter": 1, "loss": None}]
 
 
 # -----------------------------------------------------------------------------
