@@ -11,17 +11,13 @@ key/value head h // (H // Hkv), SDPA's enable_gqa convention.
 import torch
 from torch.nn import functional as F
 
+from errors import ConfigError
+
 ATTENTION_IMPLS = ("auto", "dense", "blocked", "flex")  # how windowed layers attend; 'auto' picks by device and shape
 QK_NORM_EPS = 1e-6  # added to the mean square of each query/key head before the reciprocal square root
 # CPU attention under low precision runs in fp32 below this many query positions times head dimension
 # (attends_in_float32); longer sequences are faster in bf16
 FLOAT32_ATTENTION_MAX_SIZE = 32768
-
-
-class ConfigError(ValueError):
-    """A setting, shape or checkpoint that does not fit the model: the caller's input, not a bug in this file.
-    Scripts turn it into one line for the user; any other exception keeps its traceback. Defined here, in the
-    lowest of the model's modules (attention <- generation <- model), so that all three raise the same class."""
 
 
 # -----------------------------------------------------------------------------

@@ -23,7 +23,8 @@ import statistics
 
 import torch
 
-from model import GPTConfig, ConfigError
+from model import GPTConfig
+from errors import ConfigError
 from attention import ATTENTION_IMPLS, causal_attention
 from generation import KVCache
 from configurator import read_settings

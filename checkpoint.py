@@ -27,8 +27,8 @@ from typing import BinaryIO
 import torch
 import torch.distributed as dist
 
-from errors import UserError
-from model import GPT, GPTConfig, ConfigError, GPT2_NAMES, GPT2_VOCAB_SIZE, load_model_state
+from errors import UserError, ConfigError
+from model import GPT, GPTConfig, GPT2_NAMES, GPT2_VOCAB_SIZE, load_model_state
 from durable import write_atomically, tensor_bytes, unwritable, SHARDED_INDEX_NAME
 from optimizers import OptimizerGroup
 from distributed import gather_from_every_rank, on_rank_0_for_all, restart_count

@@ -13,9 +13,9 @@ from typing import NamedTuple
 
 import torch
 
-from model import GPT, GPTConfig, ConfigError, GPT2_NAMES
+from model import GPT, GPTConfig, GPT2_NAMES
 from hf_bridge import gpt_from_hf
-from errors import UserError, run_main, range_check  # noqa: F401  (every script takes them from here)
+from errors import UserError, ConfigError, run_main, range_check  # noqa: F401  (every script takes them from here)
 from checkpoint import LoadedModel, load_trained, is_character_vocabulary
 
 

@@ -1,6 +1,7 @@
 """
-A mistake the user can fix (UserError) and how every script reports it: one line on stderr, exit status 1,
-printed once under torchrun. The bottom of the import graph: every other module may import it.
+A mistake the user can fix (UserError; ConfigError for what does not fit the model) and how every script
+reports it: one line on stderr, exit status 1, printed once under torchrun. The bottom of the import graph:
+every other module may import it.
 """
 
 import os
@@ -12,6 +13,12 @@ import torch
 
 class UserError(Exception):
     """A mistake the user can fix: reported as one line on stderr, no traceback, exit code 1."""
+
+
+class ConfigError(ValueError):
+    """A setting, shape or checkpoint that does not fit the model (model.py, attention.py, generation.py,
+    hf_bridge.py): the caller's input, not a bug. Scripts turn it into a UserError's one line; any other
+    exception keeps its traceback."""
 
 
 def run_main(main: Callable[[], int | None]) -> None:

@@ -14,7 +14,8 @@ import shutil
 
 import torch
 
-from model import ConfigError, GPT2_VOCAB_SIZE
+from model import GPT2_VOCAB_SIZE
+from errors import ConfigError
 from hf_bridge import HF_CLASS_NAMES, build_hf_model, common_window, target_architecture
 from configurator import read_settings
 from common import UserError, run_main, gpt2_encoding

@@ -11,7 +11,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch.nn import functional as F
 
-from attention import ConfigError
+from errors import ConfigError
 
 
 class KVCache:

@@ -15,7 +15,8 @@ import os
 
 import torch
 
-from model import GPT, GPTConfig, ConfigError
+from model import GPT, GPTConfig
+from errors import ConfigError
 
 # nn.Linear weights that transformers' GPT-2 keeps in Conv1D modules, transposed
 GPT2_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

@@ -31,7 +31,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import generation
-from attention import ATTENTION_IMPLS, ConfigError, attend, rope_cos_sin
+from attention import ATTENTION_IMPLS, attend, rope_cos_sin
+from errors import ConfigError
 
 
 GPT2_VOCAB_SIZE = 50257  # GPT-2's BPE: 50,000 merges, 256 bytes and <|endoftext|>

@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from model import ConfigError, GPT2_NAMES
+from model import GPT2_NAMES
+from errors import ConfigError
 from generation import validate_sampling
 from configurator import read_settings
 from common import (UserError, run_main, pick_device, pick_dtype, autocast_context, load_model, get_tokenizer,

@@ -32,7 +32,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from model import GPT, GPTConfig, ConfigError
+from model import GPT, GPTConfig
+from errors import ConfigError
 from attention import ATTENTION_IMPLS
 from configurator import read_settings
 from optimizers import OptimizerGroup, muon_available

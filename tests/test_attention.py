@@ -14,7 +14,7 @@ import torch
 import attention
 from model import GPT, GPTConfig
 from attention import causal_window_mask
-from model import ConfigError
+from errors import ConfigError
 from helpers import KV, ROPE, forward_backward, logits_of, naive_attention, tiny_model
 
 from transformers import LlamaConfig

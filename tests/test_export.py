@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Starcoder2Config, 
 from safetensors import safe_open  # noqa: E402
 
 import export_hf  # noqa: E402
-from model import ConfigError  # noqa: E402
+from errors import ConfigError  # noqa: E402
 from hf_bridge import gpt_from_hf  # noqa: E402
 from common import UserError, load_model, get_tokenizer  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
