@@ -19,6 +19,7 @@ import uuid
 import pickle
 import shutil
 import zipfile
+from abc import ABC, abstractmethod
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from functools import partial
@@ -450,7 +451,7 @@ class RunPosition:
 # -----------------------------------------------------------------------------
 # writing a run's checkpoints: one interface (save, wait, close), two implementations
 
-class Checkpoints:
+class Checkpoints(ABC):
     """What a run asks of its checkpoints, however they are written: save (ckpt.pt, and best.pt with an improved
     validation loss), wait for a save in progress, close; `where` a resume finds them, and `note`, what the start
     line says about them (None: nothing to say)."""
@@ -460,17 +461,17 @@ class Checkpoints:
     def __init__(self, out_dir):
         self.last, self.best = checkpoint_path(out_dir, "last"), checkpoint_path(out_dir, "best")
 
+    @abstractmethod
     def save(self, values, model, optimizer, scaler, val_loss=None):
         """ckpt.pt from `values` (plain values) and the state of model, optimizer and scaler; with val_loss (an
         improved validation loss) best.pt, the weights alone, after it. Every process calls it. Returns the paths
         written."""
-        raise NotImplementedError
 
     @property
     def where(self):
         return self.last
 
-    def wait(self):
+    def wait(self):  # noqa: B027  (a writer that saves in the foreground has nothing to wait for)
         """Block until the save in progress, if any, is written; re-raise what it failed with."""
 
     def close(self):

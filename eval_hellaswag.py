@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from configurator import read_settings
 from common import UserError, run_main, pick_device, pick_dtype, autocast_context, load_model, get_tokenizer
 from checkpoint import describe_trained
-from runlog import ends_inside_a_line
+from runlog import RunLog
 
 # -----------------------------------------------------------------------------
 init_from = "resume"  # 'resume' (from out_dir) | 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' | a local HF directory
@@ -218,13 +218,13 @@ def main():
                 f.write(json.dumps(dict(index=i, label=example["label"], pred=result["pred"][i],
                                         pred_norm=result["pred_norm"][i], sum_loss=result["sum_loss"][i],
                                         n_tokens=result["n_tokens"][i])) + "\n")
-    if settings.init_from == "resume":
-        metrics_path = os.path.join(settings.out_dir, "metrics.jsonl")
-        torn = ends_inside_a_line(metrics_path)  # a crash tore its last record: start a line of our own
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            record = dict(event="hellaswag", iter=loaded.checkpoint.get("iter_num"), hellaswag_acc=result["acc"],
-                          hellaswag_acc_norm=result["acc_norm"], hellaswag_n=result["n"])
-            f.write("\n" * torn + json.dumps(record) + "\n")
+    if settings.init_from == "resume":  # the run's own log, appended as train.py appends it
+        log = RunLog(settings.out_dir, active=True)
+        try:
+            log.metrics(dict(event="hellaswag", iter=loaded.checkpoint.get("iter_num"), hellaswag_acc=result["acc"],
+                             hellaswag_acc_norm=result["acc_norm"], hellaswag_n=result["n"]))
+        finally:
+            log.close()
 
 
 if __name__ == "__main__":

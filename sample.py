@@ -22,6 +22,8 @@ from common import (UserError, run_main, pick_device, pick_dtype, autocast_conte
                     is_pretrained_source)
 from checkpoint import describe_trained
 
+PROMPT_FILE = "FILE:"  # --start=FILE:path reads the prompt from that file
+
 # -----------------------------------------------------------------------------
 init_from = "resume"  # 'resume' (from out_dir) | 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' | a local HF directory
 out_dir = "out"
@@ -69,9 +71,9 @@ def check_settings(settings) -> tuple[str, str]:
 
 def read_prompt(start: str) -> str:
     """The prompt text: --start itself, or the contents of the file named by --start=FILE:path."""
-    if not start.startswith("FILE:"):
+    if not start.startswith(PROMPT_FILE):
         return start
-    path = start[5:]
+    path = start.removeprefix(PROMPT_FILE)
     if not os.path.isfile(path):
         raise UserError(f"prompt file {path!r} (start=FILE:{path}) does not exist")
     try:
@@ -97,7 +99,7 @@ def main():
 
     ids = tokenizer.encode(prompt) if prompt else tokenizer.start_ids
     if not ids:
-        source = f"prompt file {settings.start[5:]}" if settings.start.startswith("FILE:") else "prompt"
+        source = f"prompt file {settings.start.removeprefix(PROMPT_FILE)}" if settings.start.startswith(PROMPT_FILE) else "prompt"
         raise UserError(f"the {source} is empty and this vocabulary has no start token; give some text with --start")
     x = torch.tensor(ids, dtype=torch.long, device=dev)[None, ...]
     show_stream = settings.stream if settings.stream is not None else sys.stdout.isatty()
